@@ -1,0 +1,85 @@
+"""Typed settings of ``relay serve``, with units in the names.
+
+Precedence: defaults < environment (``RELAY_<NAME>``, e.g. ``RELAY_PORT``)
+< command line. :meth:`Settings.validate` raises :class:`ConfigError` with a
+message naming the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+from relay.errors import ConfigError
+
+SYNC_MODES = ("durable", "none")
+
+
+@dataclass
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    data: str = "./relay-data"
+    server_name: str = "relay"
+    shards: int = 4
+    map_size_bytes: int = 8 << 30
+    # durable: SENT only after fsync; none: the OS flushes later (a crash of
+    # the machine, not of the relay, may lose acknowledged messages).
+    sync: str = "durable"
+    registration_token: str | None = None
+    max_message_bytes: int = 1 << 20
+    max_frames_per_message: int = 1024
+    idle_timeout_s: float = 120.0
+    handshake_timeout_s: float = 10.0
+    window: int = 256
+    max_unacked_sends: int = 1024
+    retention_s: float = 30 * 24 * 3600.0
+    sweep_interval_s: float = 3600.0
+    commit_batch_max: int = 4096
+    fastpath: str | None = None  # "cython", "pure" or None (default pick)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        environ = dict(os.environ if environ is None else environ)
+        settings = cls()
+        for f in fields(cls):
+            raw = environ.get("RELAY_" + f.name.upper())
+            if raw is not None:
+                setattr(settings, f.name, _convert(f.name, f.type, raw))
+        for name, value in overrides.items():
+            if value is not None:
+                setattr(settings, name, value)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not in 0-65535")
+        if self.sync not in SYNC_MODES:
+            raise ConfigError(f"sync must be one of {', '.join(SYNC_MODES)}, not {self.sync!r}")
+        if not 1 <= self.shards <= 256:
+            raise ConfigError("shards must be between 1 and 256")
+        if self.window < 2:
+            raise ConfigError("window must be at least 2")
+        if self.max_message_bytes < 1024:
+            raise ConfigError("max_message_bytes must be at least 1024")
+        if self.fastpath not in (None, "cython", "pure"):
+            raise ConfigError("fastpath must be 'cython' or 'pure'")
+        for name in ("idle_timeout_s", "handshake_timeout_s", "retention_s", "sweep_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if not self.server_name or len(self.server_name) > 255:
+            raise ConfigError("server_name must be 1-255 characters")
+
+
+def _convert(name: str, type_: Any, raw: str) -> Any:
+    type_name = type_ if isinstance(type_, str) else getattr(type_, "__name__", str(type_))
+    try:
+        if type_name.startswith("int"):
+            return int(raw)
+        if type_name.startswith("float"):
+            return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"RELAY_{name.upper()}={raw!r} is not a number") from exc
+    return raw

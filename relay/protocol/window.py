@@ -1,0 +1,49 @@
+"""The per-connection delivery window, sans I/O.
+
+The relay keeps at most ``size`` inbox entries un-acked in flight on one
+connection. :class:`DeliveryWindow` remembers which seqs were pushed and
+which were acked; the delivery pump asks :meth:`capacity` before reading more
+from the inbox and calls :meth:`pushed` for each entry it sends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class DeliveryWindow:
+    def __init__(self, size: int, acked: int = 0) -> None:
+        if size < 1:
+            raise ValueError("window size must be at least 1")
+        self.size = size
+        self.acked = acked
+        self.last_pushed = acked
+        self._in_flight: deque[int] = deque()
+
+    def capacity(self) -> int:
+        """How many more entries may be pushed before the client acks."""
+        return self.size - len(self._in_flight)
+
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def pushed(self, seq: int) -> None:
+        if seq <= self.last_pushed:
+            raise ValueError(f"seq {seq} pushed out of order (last {self.last_pushed})")
+        self._in_flight.append(seq)
+        self.last_pushed = seq
+
+    def ack(self, seq: int) -> int | None:
+        """Apply a cumulative ACK; return the new acked seq, or None if nothing moved.
+
+        An ACK beyond what was pushed only covers what was pushed: the client
+        cannot acknowledge an entry it has not been sent.
+        """
+        seq = min(seq, self.last_pushed)
+        if seq <= self.acked:
+            return None
+        in_flight = self._in_flight
+        while in_flight and in_flight[0] <= seq:
+            in_flight.popleft()
+        self.acked = seq
+        return seq

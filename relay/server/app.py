@@ -1,0 +1,166 @@
+"""The relay process: store, one group-commit writer per shard, router, listener.
+
+:func:`open_relay` is the entry point for code and tests (an async context
+manager yielding a started :class:`RelayServer`); ``relay serve`` wraps it
+with signal handling. Task tree::
+
+    RelayServer.run
+    ├── GroupCommitWriter.run      x shards
+    ├── expiry sweeper
+    └── listener -> Connection.serve (reader + delivery pump) per client
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from relay import fastpath
+from relay.config import Settings
+from relay.errors import CLOSE_GOING_AWAY
+from relay.server.connection import Connection, now_ms
+from relay.server.requests import RequestHandler
+from relay.server.router import Router
+from relay.server.writer import GroupCommitWriter
+from relay.store.base import ExpireEntries, WriteOp
+from relay.store.lmdb_store import LmdbStore
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 3.0
+
+
+class RelayServer:
+    def __init__(self, settings: Settings, store: LmdbStore | None = None) -> None:
+        settings.validate()
+        self.settings = settings
+        self.fastpath = fastpath.load(settings.fastpath)
+        self.store = store or LmdbStore(
+            settings.data, shards=settings.shards, map_size=settings.map_size_bytes, sync=settings.sync == "durable"
+        )
+        self.writers = [
+            GroupCommitWriter(self.store, i, max_batch=settings.commit_batch_max) for i in range(self.store.shards)
+        ]
+        self.router = Router()
+        self.requests = RequestHandler(self)
+        self.connections: set[Connection] = set()
+        self.port: int | None = None
+        self.shutting_down = False
+        self._nursery: trio.Nursery | None = None
+        self._accept_scope = trio.CancelScope()
+        self._shutdown_event = trio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.host}:{self.port}/v1"
+
+    def writer_for(self, user: str) -> GroupCommitWriter:
+        return self.writers[self.store.shard_of(user)]
+
+    def spawn_submit(self, writer: GroupCommitWriter, op: WriteOp) -> None:
+        """Submit from a callback (which cannot wait for queue space)."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._submit_quietly, writer, op)
+
+    async def _submit_quietly(self, writer: GroupCommitWriter, op: WriteOp) -> None:
+        try:
+            await writer.submit(op)
+        except trio.ClosedResourceError:
+            pass  # shutting down: the acked entries are redelivered next time
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "connections": len(self.connections),
+            "online_devices": self.router.count(),
+            "writers": [w.statistics() for w in self.writers],
+            "fastpath": self.fastpath.IMPLEMENTATION,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until :meth:`shutdown`; ``task_status.started(port)`` once listening."""
+        try:
+            async with trio.open_nursery() as writers_nursery:
+                for writer in self.writers:
+                    await writers_nursery.start(writer.run)
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+                    self.port = listeners[0].socket.getsockname()[1]
+                    nursery.start_soon(self._sweep_forever)
+                    nursery.start_soon(self._accept, listeners, nursery)
+                    log.info("relay listening on %s (fast path: %s)", self.url, self.fastpath.IMPLEMENTATION)
+                    task_status.started(self.port)
+                    await self._wait_shutdown()
+                    await self._close_connections()
+                    nursery.cancel_scope.cancel()
+                # Connections are gone: let the writers commit what is queued.
+                for writer in self.writers:
+                    writer.close()
+        finally:
+            self.store.close()
+
+    async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
+        with self._accept_scope:
+            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = Connection(self, stream)
+        self.connections.add(conn)
+        try:
+            await conn.serve()
+        finally:
+            self.connections.discard(conn)
+
+    def shutdown(self) -> None:
+        """Stop accepting, close every connection with 1001, commit, return from :meth:`run`."""
+        self.shutting_down = True
+        self._shutdown_event.set()
+
+    async def _wait_shutdown(self) -> None:
+        await self._shutdown_event.wait()
+
+    async def _close_connections(self) -> None:
+        self._accept_scope.cancel()
+        for conn in list(self.connections):
+            conn.begin_close(CLOSE_GOING_AWAY, "server shutting down")
+        with trio.move_on_after(SHUTDOWN_GRACE_S):
+            while self.connections:
+                await trio.sleep(0.01)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await trio.sleep(self.settings.sweep_interval_s)
+            await self.sweep_expired()
+
+    async def sweep_expired(self) -> int:
+        """Delete entries older than the retention period; return how many."""
+        cutoff = now_ms() - int(self.settings.retention_s * 1000)
+        total = 0
+        for writer in self.writers:
+            resume: bytes | None = None
+            while True:
+                result = await writer.call(ExpireEntries(cutoff, 10_000, resume))
+                if not isinstance(result, tuple):
+                    log.error("expiry sweep failed on shard %d: %r", writer.shard, result)
+                    break
+                resume, deleted = result
+                total += deleted
+                if resume is None:
+                    break
+        return total
+
+
+@asynccontextmanager
+async def open_relay(settings: Settings) -> AsyncIterator[RelayServer]:
+    """Start a relay (``settings.port`` 0 picks a free port) and stop it on exit."""
+    server = RelayServer(settings)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        try:
+            yield server
+        finally:
+            server.shutdown()

@@ -1,0 +1,508 @@
+"""One client connection: the trio shell around the sans-I/O pieces.
+
+Two tasks per live connection, both in the connection's nursery:
+
+* the **reader** moves bytes from the socket into the fast-path
+  :class:`FrameParser`, hands binary messages to the :class:`Session` and
+  serves the events it returns (calling the store, the writers, the router);
+* the **delivery pump** is the only task that writes to the socket: it
+  gathers queued replies (READY, SENT, RES, ERROR), ephemeral signals and,
+  within the flow window, inbox entries read from the store, and writes them
+  as few WebSocket messages as possible.
+
+Nothing about a message lives only here: entries are read from the inbox
+every time, so a cut connection loses nothing. Memory per connection is
+bounded: replies by ``MAX_QUEUED_REPLIES`` (the reader stops reading when
+they pile up), SENDs in flight by ``max_unacked_sends``, entries by the
+window, signals by ``MAX_QUEUED_SIGNALS`` (dropped beyond, they are
+ephemeral).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import msgpack
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+import trio
+
+from relay.errors import (
+    BAD_REQUEST,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_REPLACED,
+    CLOSE_UNSUPPORTED_DATA,
+    FORBIDDEN,
+    INTERNAL,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    FrameError,
+    StoreError,
+    StoreFullError,
+)
+from relay.protocol import frames
+from relay.protocol.handshake import ServerHandshake
+from relay.protocol.session import Session
+from relay.protocol.window import DeliveryWindow
+from relay.store.base import AppendEntries, DeleteUpTo, RegisterUser, Stored, StoreMessage
+
+if TYPE_CHECKING:
+    from relay.server.app import RelayServer
+
+log = logging.getLogger(__name__)
+
+RECEIVE_BYTES = 65536
+MAX_QUEUED_REPLIES = 4096
+MAX_QUEUED_SIGNALS = 64
+CLOSE_TIMEOUT_S = 2.0
+AUTH_CONTEXT = b"relay-auth-v1"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def encode_close(fp: ModuleType, code: int, reason: str = "") -> bytes:
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    return fp.encode_frame(fp.OP_CLOSE, payload)
+
+
+def _valid_close_code(code: int) -> bool:
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
+
+
+class Connection:
+    """Serve one accepted stream until it closes; see the module docstring."""
+
+    def __init__(self, server: RelayServer, stream: trio.abc.Stream) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.fp = server.fastpath
+        self.stream = stream
+        self.user: str | None = None
+        self.device: int | None = None
+        self.session = Session(self.settings.max_frames_per_message, self.settings.max_message_bytes)
+        self.parser = self.fp.FrameParser(self.settings.max_message_bytes, True)
+        self.challenge = os.urandom(32)
+        self.window = DeliveryWindow(self.settings.window)
+        self._replies: list[bytes] = []
+        self._signals: list[bytes] = []
+        self._control: list[bytes] = []
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self._close_sent = trio.Event()
+        self._close_frame: bytes | None = None
+        self._closing = False
+        self._peer_closed = False
+        self._ready = False
+        self._inbox_dirty = False
+        self._sends_in_flight = 0
+        self._sends_changed = trio.Event()
+        self._read_scope = trio.CancelScope()
+        self.dead = False
+
+    # --- called by others (router, writers' callbacks, the server) --------
+
+    def wake(self) -> None:
+        """The inbox has new entries (or the window has room): let the pump look."""
+        self._inbox_dirty = True
+        self._wake.set()
+
+    def push_ephemeral(self, frame: bytes) -> bool:
+        if self._closing or len(self._signals) >= MAX_QUEUED_SIGNALS:
+            return False
+        self._signals.append(frame)
+        self._wake.set()
+        return True
+
+    def replace(self) -> None:
+        """The same device authenticated again elsewhere (close 4409)."""
+        self.begin_close(CLOSE_REPLACED, "connected elsewhere")
+
+    def begin_close(self, code: int, reason: str = "") -> None:
+        """Send a close frame after what is queued; the reader then waits for the peer's."""
+        if self._closing:
+            return
+        self._closing = True
+        self._close_frame = encode_close(self.fp, code, reason)
+        self._wake.set()
+        self._read_scope.deadline = min(self._read_scope.deadline, trio.current_time() + CLOSE_TIMEOUT_S + 1)
+
+    def _queue_reply(self, frame: bytes) -> None:
+        if not self.dead:
+            self._replies.append(frame)
+            self._wake.set()
+
+    def _queue_error(self, error: FrameError) -> None:
+        self._queue_reply(frames.encode_error(error.ref, error.code, error.reason))
+        if error.close is not None:
+            self.begin_close(error.close, error.reason[:100])
+
+    # --- the connection's life ----------------------------------------------
+
+    async def serve(self) -> None:
+        try:
+            trailing = await self._handshake()
+            if trailing is None:
+                return
+            self._queue_reply(frames.encode_hello(self.settings.server_name, self.challenge, now_ms()))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump)
+                await self._read_loop(trailing)
+                if not self._peer_closed or self._closing:
+                    with trio.move_on_after(CLOSE_TIMEOUT_S):
+                        await self._close_sent.wait()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception:
+            log.exception("connection failed")
+        finally:
+            self.dead = True
+            if self.user is not None and self.device is not None:
+                self.server.router.detach(self, self.user, self.device)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self.stream.aclose()
+
+    async def _handshake(self) -> bytes | None:
+        handshake = ServerHandshake()
+        with trio.move_on_after(self.settings.handshake_timeout_s):
+            while True:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+                outcome = handshake.receive_data(data)
+                if outcome is None:
+                    continue
+                await self.stream.send_all(outcome.response)
+                return outcome.trailing if outcome.accepted else None
+        return None
+
+    async def _read_loop(self, data: bytes) -> None:
+        idle = self.settings.idle_timeout_s
+        with self._read_scope:
+            while True:
+                if data and await self._handle_bytes(data):
+                    return
+                with trio.move_on_after(idle) as idle_scope:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                if idle_scope.cancelled_caught:
+                    self.begin_close(CLOSE_GOING_AWAY, "idle timeout")
+                    data = b""
+                    continue
+                if not data:
+                    self._peer_closed = True
+                    return
+
+    async def _handle_bytes(self, data: bytes) -> bool:
+        """Serve what ``data`` completes; True when the connection is over."""
+        fp = self.fp
+        try:
+            messages = self.parser.feed(data)
+        except fp.WebSocketError as exc:
+            self.begin_close(exc.close_code, exc.reason)
+            return True
+        for opcode, payload in messages:
+            if opcode == fp.OP_CLOSE:
+                self._peer_closed = True
+                if not self._closing:
+                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
+                    if len(payload) == 1 or not _valid_close_code(code):
+                        code = CLOSE_PROTOCOL_ERROR
+                    self.begin_close(code)
+                return True
+            if self._closing:
+                continue
+            if opcode == fp.OP_BINARY:
+                await self._handle_message(payload)
+            elif opcode == fp.OP_TEXT:
+                self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary messages only")
+            elif opcode == fp.OP_PING:
+                self._control.append(fp.encode_frame(fp.OP_PONG, payload))
+                self._wake.set()
+        return False
+
+    async def _handle_message(self, payload: bytes) -> None:
+        for item in self.session.receive_message(payload):
+            if self._closing:
+                return
+            if isinstance(item, FrameError):
+                self._queue_error(item)
+                continue
+            try:
+                await self._serve_event(item)
+            except FrameError as error:
+                self._queue_error(error)
+            except StoreFullError:
+                self._queue_error(FrameError(UNAVAILABLE, "store full", ref=_ref_of(item)))
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                if self.server.shutting_down:
+                    self.begin_close(CLOSE_GOING_AWAY, "shutting down")
+                    return
+                raise
+            # Backpressure: a client that does not read its replies stops being read.
+            while len(self._replies) >= MAX_QUEUED_REPLIES and not self._closing:
+                self._drained = trio.Event()
+                await self._drained.wait()
+
+    async def _serve_event(self, event: frames.ClientEvent) -> None:
+        if isinstance(event, frames.Send):
+            await self._serve_send(event)
+        elif isinstance(event, frames.Ack):
+            await self._serve_ack(event.seq)
+        elif isinstance(event, frames.Read):
+            await self._serve_read(event)
+        elif isinstance(event, frames.Request):
+            await self._serve_request(event)
+        elif isinstance(event, frames.Signal):
+            self._serve_signal(event)
+        elif isinstance(event, frames.SendGroup):
+            raise FrameError(NOT_FOUND, f"no such group {event.to}", ref=event.msg_id)
+        elif isinstance(event, frames.Auth):
+            await self._serve_auth(event)
+        elif isinstance(event, frames.Register):
+            await self._serve_register(event)
+
+    # --- authentication -------------------------------------------------------
+
+    def _signed(self) -> bytes:
+        return AUTH_CONTEXT + self.settings.server_name.encode() + self.challenge
+
+    async def _serve_auth(self, event: frames.Auth) -> None:
+        record = self.server.store.get_user(event.user)
+        key = None if record is None else record.devices.get(event.device)
+        if key is None or not _verify(key, self._signed(), event.sig):
+            raise FrameError(UNAUTHORIZED, "authentication failed", ref=frames.AUTH, close=CLOSE_POLICY)
+        self._attach(event.user, event.device)
+
+    async def _serve_register(self, event: frames.Register) -> None:
+        ref = frames.REGISTER
+        token = self.settings.registration_token
+        if token is not None and event.token != token:
+            raise FrameError(FORBIDDEN, "registration token refused", ref=ref, close=CLOSE_POLICY)
+        try:
+            nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(event.identity_key)
+        except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, ValueError):
+            raise FrameError(BAD_REQUEST, "identity_key is not a usable Ed25519 key", ref=ref, close=CLOSE_POLICY) from None
+        if not _verify(event.identity_key, self._signed(), event.sig):
+            raise FrameError(UNAUTHORIZED, "bad signature", ref=ref, close=CLOSE_POLICY)
+        result = await self.server.writer_for(event.user).call(RegisterUser(event.user, event.identity_key, now_ms()))
+        if isinstance(result, FrameError):
+            result.ref, result.close = ref, CLOSE_POLICY
+            raise result
+        if isinstance(result, StoreError):
+            code = UNAVAILABLE if isinstance(result, StoreFullError) else INTERNAL
+            raise FrameError(code, str(result), ref=ref, close=CLOSE_POLICY)
+        self._attach(event.user, 1)
+
+    def _attach(self, user: str, device: int) -> None:
+        self.user, self.device = user, device
+        old = self.server.router.attach(self, user, device)
+        if old is not None and old is not self:
+            old.replace()
+        self.session.authenticated(user, device)
+        self._queue_reply(frames.encode_ready(user, device, self.server.store.pending(user, device)))
+        self._ready = True
+        self.wake()
+
+    # --- messaging ------------------------------------------------------------
+
+    async def _serve_send(self, event: frames.Send) -> None:
+        assert self.user is not None and self.device is not None
+        while self._sends_in_flight >= self.settings.max_unacked_sends:
+            self._sends_changed = trio.Event()
+            await self._sends_changed.wait()
+        op = StoreMessage(self.user, self.device, event.msg_id, event.to, event.payloads, now_ms())
+        to = event.to
+
+        def committed(result: object) -> None:
+            self._sends_in_flight -= 1
+            self._sends_changed.set()
+            if isinstance(result, Stored):
+                self._queue_reply(frames.encode_sent(event.msg_id, result.ts))
+                if not result.duplicate:
+                    self.server.router.wake(to, result.devices)
+            elif isinstance(result, FrameError):
+                self._queue_error(result)
+            elif isinstance(result, StoreFullError):
+                self._queue_error(FrameError(UNAVAILABLE, "store full", ref=event.msg_id))
+            else:
+                log.error("SEND failed: %r", result)
+                self._queue_error(FrameError(INTERNAL, "store error", ref=event.msg_id))
+
+        self._sends_in_flight += 1
+        try:
+            await self.server.writer_for(to).submit(op, committed)
+        except BaseException:
+            self._sends_in_flight -= 1
+            raise
+
+    async def _serve_ack(self, seq: int) -> None:
+        assert self.user is not None and self.device is not None
+        before = self.window.acked
+        acked = self.window.ack(seq)
+        if acked is None:
+            return
+        self.wake()
+        user, device, server = self.user, self.device, self.server
+        entries = server.store.read_inbox(user, device, before, self.window.size)
+        now = now_ms()
+        receipts: list[AppendEntries] = []
+        for entry in entries:
+            if entry.seq > acked:
+                break
+            if entry.type == frames.MSG:
+                msg_id, from_user = _msg_header(entry.tail)
+                tail = frames.receipt_tail(msg_id, user, device, frames.RECEIPT_DELIVERED, now)
+                skip = device if from_user == user else None
+                receipts.append(AppendEntries(from_user, frames.RECEIPT, frames.RECEIPT_FIELDS, tail, now, skip_device=skip))
+        delete = DeleteUpTo(user, device, acked)
+        if not receipts:
+            await server.writer_for(user).submit(delete)
+            return
+        # Receipts are committed before the acked entries are deleted, so a
+        # crash in between repeats a receipt rather than losing one.
+        remaining = len(receipts)
+        delete_writer = server.writer_for(user)
+
+        def receipt_done(receipt: AppendEntries, result: object) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if isinstance(result, list) and result:
+                server.router.wake(receipt.user, [d for d, _ in result])
+            if remaining == 0:
+                server.spawn_submit(delete_writer, delete)
+
+        for receipt in receipts:
+            await server.writer_for(receipt.user).submit(receipt, lambda r, receipt=receipt: receipt_done(receipt, r))
+
+    async def _serve_read(self, event: frames.Read) -> None:
+        assert self.user is not None and self.device is not None
+        server = self.server
+        if server.store.get_user(event.sender) is None:
+            raise FrameError(NOT_FOUND, f"no such user {event.sender}", ref=frames.READ)
+        now = now_ms()
+        skip = self.device if event.sender == self.user else None
+        writer = server.writer_for(event.sender)
+
+        def done(result: object) -> None:
+            if isinstance(result, list) and result:
+                server.router.wake(event.sender, [d for d, _ in result])
+
+        for msg_id in event.msg_ids:
+            tail = frames.receipt_tail(msg_id, self.user, self.device, frames.RECEIPT_READ, now)
+            await writer.submit(AppendEntries(event.sender, frames.RECEIPT, frames.RECEIPT_FIELDS, tail, now, skip_device=skip), done)
+
+    def _serve_signal(self, event: frames.Signal) -> None:
+        assert self.user is not None
+        if frames.is_group(event.to):
+            raise FrameError(FORBIDDEN, "not a member of that group", ref=frames.SIGNAL)
+        frame = frames.encode_signaled(self.user, event.to, event.kind)
+        for conn in self.server.router.devices_online(event.to):
+            if conn is not self:
+                conn.push_ephemeral(frame)
+
+    async def _serve_request(self, event: frames.Request) -> None:
+        try:
+            result = await self.server.requests.serve(self, event.op, event.args)
+        except FrameError as error:
+            self._queue_reply(frames.encode_res(event.req_id, False, {"code": error.code, "reason": error.reason}))
+            return
+        except StoreFullError:
+            self._queue_reply(frames.encode_res(event.req_id, False, {"code": UNAVAILABLE, "reason": "store full"}))
+            return
+        self._queue_reply(frames.encode_res(event.req_id, True, result))
+
+    # --- the delivery pump ------------------------------------------------------
+
+    async def _pump(self) -> None:
+        fp = self.fp
+        stream = self.stream
+        store = self.server.store
+        window = self.window
+        max_bytes = self.settings.max_message_bytes
+        max_frames = self.settings.max_frames_per_message
+        pack_entry = fp.pack_entry
+        encode_frame = fp.encode_frame
+        binary = fp.OP_BINARY
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while True:
+                out: list[bytes] = []
+                if self._control:
+                    out.extend(self._control)
+                    self._control = []
+                batch = self._replies
+                self._replies = []
+                if self._signals:
+                    batch.extend(self._signals)
+                    self._signals = []
+                if self._ready and self._inbox_dirty and not self._closing:
+                    room = window.capacity()
+                    if room > 0:
+                        self._inbox_dirty = False
+                        assert self.user is not None and self.device is not None
+                        entries = store.read_inbox(self.user, self.device, window.last_pushed, room)
+                        if len(entries) == room:
+                            self._inbox_dirty = True
+                        for entry in entries:
+                            batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
+                            window.pushed(entry.seq)
+                if batch:
+                    # Several frames per WebSocket message, within the limits
+                    # a client must accept (one frame alone may be larger).
+                    start = 0
+                    size = 0
+                    for i, frame in enumerate(batch):
+                        if i > start and (size + len(frame) > max_bytes or i - start >= max_frames):
+                            out.append(encode_frame(binary, b"".join(batch[start:i])))
+                            start, size = i, 0
+                        size += len(frame)
+                    out.append(encode_frame(binary, b"".join(batch[start:])))
+                close_now = self._close_frame is not None and not self._close_sent.is_set()
+                if close_now:
+                    assert self._close_frame is not None
+                    out.append(self._close_frame)
+                if not out:
+                    break
+                await stream.send_all(b"".join(out))
+                self._drained.set()
+                if close_now:
+                    self._close_sent.set()
+                    return
+
+
+def _ref_of(event: frames.ClientEvent) -> object:
+    if isinstance(event, frames.Send | frames.SendGroup):
+        return event.msg_id
+    return {
+        frames.Auth: frames.AUTH,
+        frames.Register: frames.REGISTER,
+        frames.Ack: frames.ACK,
+        frames.Read: frames.READ,
+        frames.Request: frames.REQ,
+        frames.Signal: frames.SIGNAL,
+    }.get(type(event))
+
+
+def _verify(key: bytes, message: bytes, sig: bytes) -> bool:
+    try:
+        nacl.signing.VerifyKey(key).verify(message, sig)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError, ValueError):
+        return False
+    return True
+
+
+def _msg_header(tail: bytes) -> tuple[bytes, str]:
+    """msg_id and from_user of a stored MSG tail, without decoding its payload."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(tail)
+    return unpacker.unpack(), unpacker.unpack()

@@ -1,0 +1,89 @@
+"""Group commit: one writer task per shard, one transaction and one sync per batch.
+
+Connections :meth:`submit` write ops with a callback; the writer takes every
+op waiting, applies them in one transaction in a worker thread
+(``trio.to_thread``, the transaction opened and closed inside that one call)
+and then runs the callbacks on the event loop, so a SENT goes out only after
+its batch is durable. While one batch syncs, the next one gathers: under
+load, batches grow by themselves and the cost of a sync is shared.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from relay.store.base import Store, WriteOp
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[object], None]
+
+
+class GroupCommitWriter:
+    def __init__(self, store: Store, shard: int, max_batch: int = 4096, queue_size: int = 4096) -> None:
+        self.store = store
+        self.shard = shard
+        self.max_batch = max_batch
+        self._send, self._receive = trio.open_memory_channel[tuple[WriteOp, Callback | None]](queue_size)
+        self.batches = 0
+        self.ops = 0
+
+    async def submit(self, op: WriteOp, on_done: Callback | None = None) -> None:
+        """Queue ``op``; waits only while the queue is full (backpressure).
+
+        ``on_done(result)`` runs on the event loop after the commit, with the
+        op's result or the exception it ended with. It must not block.
+        Raises ``trio.ClosedResourceError`` once the relay is shutting down.
+        """
+        await self._send.send((op, on_done))
+
+    async def call(self, op: WriteOp) -> object:
+        """Submit ``op`` and wait for its committed result (or exception, returned)."""
+        done = trio.Event()
+        box: list[object] = []
+
+        def finished(result: object) -> None:
+            box.append(result)
+            done.set()
+
+        await self.submit(op, finished)
+        await done.wait()
+        return box[0]
+
+    def close(self) -> None:
+        """No new ops; :meth:`run` commits what is queued and returns."""
+        self._send.close()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"shard": self.shard, "batches": self.batches, "ops": self.ops, "queued": self._receive.statistics().current_buffer_used}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        receive = self._receive
+        task_status.started()
+        async with receive:
+            while True:
+                try:
+                    first = await receive.receive()
+                except trio.EndOfChannel:
+                    return
+                batch = [first]
+                while len(batch) < self.max_batch:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                ops = [op for op, _ in batch]
+                # Not cancellable: a commit in progress is finished, never abandoned.
+                results = await trio.to_thread.run_sync(self.store.apply_batch, self.shard, ops)
+                self.batches += 1
+                self.ops += len(ops)
+                for (_, on_done), result in zip(batch, results, strict=True):
+                    if on_done is not None:
+                        try:
+                            on_done(result)
+                        except Exception:  # a bug in one callback must not stop the shard
+                            log.exception("write callback failed")

@@ -1,0 +1,336 @@
+"""The embedded store: N LMDB environments ("shards"), one per directory.
+
+Layout of one shard (named databases):
+
+``users``  user -> msgpack ``{"devices": {device: identity_key}, "created": ms}``
+``inbox``  user NUL device(1) seq(8, big-endian) -> type(1) count(1) created(8) tail
+``meta``   user NUL device(1) -> next_seq(8) pending(8)
+``idem``   to_user NUL sender NUL sender_device(1) msg_id(16) -> ts(8)
+
+User names never contain NUL, so ``user NUL`` is a safe key prefix and the
+inbox of one device is one contiguous, seq-ordered key range. ``pending`` is
+kept next to ``next_seq`` so READY's count costs one read, not a scan.
+
+Writes happen only in :meth:`LmdbStore.apply_batch`, one write transaction
+per call; the caller (the server's group-commit writer) runs it in a worker
+thread. With ``sync=True`` (the default, "durable") LMDB fsyncs on commit, so
+whatever a batch reported is on disk before the server answers SENT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+
+from relay.errors import CONFLICT, NOT_FOUND, ConfigError, FrameError, StoreError, StoreFullError
+from relay.protocol.frames import MSG_FIELDS, msg_tail
+from relay.store.base import (
+    ENTRY_MSG,
+    AppendEntries,
+    DeleteUpTo,
+    ExpireEntries,
+    InboxEntry,
+    RegisterUser,
+    Stored,
+    StoreMessage,
+    UserRecord,
+    WriteOp,
+    shard_of,
+)
+
+_U64 = struct.Struct(">Q")
+_META = struct.Struct(">QQ")
+_ENTRY_HEAD = struct.Struct(">BBQ")
+LAYOUT_VERSION = 1
+
+
+def device_prefix(user: str, device: int) -> bytes:
+    return user.encode() + b"\x00" + bytes((device,))
+
+
+def inbox_key(user: str, device: int, seq: int) -> bytes:
+    return device_prefix(user, device) + _U64.pack(seq)
+
+
+def _entry_value(type_: int, count: int, created: int, tail: bytes) -> bytes:
+    return _ENTRY_HEAD.pack(type_, count, created) + tail
+
+
+def _decode_user(user: str, raw: bytes) -> UserRecord:
+    rec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    return UserRecord(user, dict(rec["devices"]), rec["created"])
+
+
+class _Shard:
+    def __init__(self, path: Path, map_size: int, sync: bool) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.env = lmdb.open(
+            str(path),
+            map_size=map_size,
+            max_dbs=8,
+            sync=sync,
+            metasync=sync,
+            # Readers live on the event-loop thread; writers in worker threads.
+            lock=True,
+            readahead=False,
+        )
+        self.users = self.env.open_db(b"users")
+        self.inbox = self.env.open_db(b"inbox")
+        self.meta = self.env.open_db(b"meta")
+        self.idem = self.env.open_db(b"idem")
+
+
+class LmdbStore:
+    """Implements :class:`relay.store.base.Store` on LMDB.
+
+    ``shards`` is fixed when the data directory is created and recorded in
+    ``relay-store.json``; reopening with another number uses the recorded one
+    (moving users between shards would need a migration).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], shards: int = 4, map_size: int = 8 << 30, sync: bool = True) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / "relay-store.json"
+        if manifest.exists():
+            try:
+                info = json.loads(manifest.read_text())
+                shards = int(info["shards"])
+                if info.get("layout") != LAYOUT_VERSION:
+                    raise ConfigError(f"{manifest}: unsupported layout {info.get('layout')!r}")
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ConfigError(f"{manifest} is unreadable: {exc}") from exc
+        else:
+            if not 1 <= shards <= 256:
+                raise ConfigError("shards must be between 1 and 256")
+            tmp = manifest.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"layout": LAYOUT_VERSION, "shards": shards}))
+            os.replace(tmp, manifest)
+        self.shards = shards
+        self.sync = sync
+        self._shards = [_Shard(self.path / f"shard-{i:03d}", map_size, sync) for i in range(shards)]
+
+    def close(self) -> None:
+        for shard in self._shards:
+            shard.env.close()
+
+    def shard_of(self, user: str) -> int:
+        return shard_of(user, self.shards)
+
+    def _shard(self, user: str) -> _Shard:
+        return self._shards[shard_of(user, self.shards)]
+
+    # --- reads (event-loop thread; short read transactions) -------------------
+
+    def get_user(self, user: str) -> UserRecord | None:
+        shard = self._shard(user)
+        with shard.env.begin(db=shard.users) as txn:
+            raw = txn.get(user.encode())
+        return None if raw is None else _decode_user(user, raw)
+
+    def read_inbox(self, user: str, device: int, after: int, limit: int) -> list[InboxEntry]:
+        """Up to ``limit`` entries of (user, device) with seq > ``after``, in seq order."""
+        if limit <= 0:
+            return []
+        shard = self._shard(user)
+        prefix = device_prefix(user, device)
+        plen = len(prefix)
+        out: list[InboxEntry] = []
+        unpack_head = _ENTRY_HEAD.unpack_from
+        with shard.env.begin(db=shard.inbox) as txn:
+            cursor = txn.cursor()
+            if not cursor.set_range(prefix + _U64.pack(after + 1)):
+                return out
+            for key, value in cursor:
+                if key[:plen] != prefix:
+                    break
+                type_, count, created = unpack_head(value)
+                out.append(InboxEntry(_U64.unpack_from(key, plen)[0], type_, count, created, value[10:]))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def pending(self, user: str, device: int) -> int:
+        shard = self._shard(user)
+        with shard.env.begin(db=shard.meta) as txn:
+            raw = txn.get(device_prefix(user, device))
+        return 0 if raw is None else _META.unpack(raw)[1]
+
+    def stats(self) -> dict[str, Any]:
+        """Entry counts per database, for tests and operators."""
+        out: dict[str, Any] = {}
+        for i, shard in enumerate(self._shards):
+            with shard.env.begin() as txn:
+                out[f"shard-{i:03d}"] = {
+                    name: txn.stat(db)["entries"]
+                    for name, db in (("users", shard.users), ("inbox", shard.inbox), ("meta", shard.meta), ("idem", shard.idem))
+                }
+        return out
+
+    # --- writes (one transaction per batch, in a worker thread) -------------
+
+    def apply_batch(self, shard_index: int, ops: list[WriteOp]) -> list[object]:
+        """Apply ``ops`` in one transaction; return a result or exception per op.
+
+        An op that raises leaves nothing behind (ops check before they
+        write), and the others still commit. If the commit itself fails
+        (map or disk full) every op gets :class:`StoreFullError` and nothing
+        of the batch is stored.
+        """
+        shard = self._shards[shard_index]
+        results: list[object] = []
+        try:
+            with shard.env.begin(write=True) as txn:
+                writer = _WriteTxn(shard, txn)
+                for op in ops:
+                    try:
+                        results.append(writer.apply(op))
+                    except FrameError as exc:
+                        results.append(exc)
+        except lmdb.MapFullError as exc:
+            full = StoreFullError(f"store full: {exc}")
+            return [full] * len(ops)
+        except lmdb.DiskError as exc:
+            full = StoreFullError(f"disk error: {exc}")
+            return [full] * len(ops)
+        except lmdb.Error as exc:
+            error = StoreError(f"store error: {exc}")
+            return [error] * len(ops)
+        return results
+
+
+class _WriteTxn:
+    """The write operations, applied inside one LMDB write transaction."""
+
+    def __init__(self, shard: _Shard, txn: lmdb.Transaction) -> None:
+        self.shard = shard
+        self.txn = txn
+
+    def apply(self, op: WriteOp) -> object:
+        if isinstance(op, StoreMessage):
+            return self.store_message(op)
+        if isinstance(op, DeleteUpTo):
+            return self.delete_up_to(op.user, op.device, op.seq)
+        if isinstance(op, AppendEntries):
+            return self.append_entries(op)
+        if isinstance(op, RegisterUser):
+            return self.register(op)
+        if isinstance(op, ExpireEntries):
+            return self.expire(op)
+        raise TypeError(f"unknown write op {op!r}")
+
+    def _devices(self, user: str) -> dict[int, bytes] | None:
+        raw = self.txn.get(user.encode(), db=self.shard.users)
+        return None if raw is None else _decode_user(user, raw).devices
+
+    def _append(self, user: str, device: int, type_: int, count: int, created: int, tail: bytes) -> int:
+        meta_key = device_prefix(user, device)
+        raw = self.txn.get(meta_key, db=self.shard.meta)
+        next_seq, pending = (1, 0) if raw is None else _META.unpack(raw)
+        self.txn.put(meta_key + _U64.pack(next_seq), _entry_value(type_, count, created, tail), db=self.shard.inbox)
+        self.txn.put(meta_key, _META.pack(next_seq + 1, pending + 1), db=self.shard.meta)
+        return next_seq
+
+    def register(self, op: RegisterUser) -> bool:
+        key = op.user.encode()
+        if self.txn.get(key, db=self.shard.users) is not None:
+            raise FrameError(CONFLICT, "user taken")
+        record = {"devices": {1: op.identity_key}, "created": op.created}
+        self.txn.put(key, msgpack.packb(record, use_bin_type=True), db=self.shard.users)
+        return True
+
+    def store_message(self, op: StoreMessage) -> Stored:
+        idem_key = op.to.encode() + b"\x00" + op.sender.encode() + b"\x00" + bytes((op.sender_device,)) + op.msg_id
+        previous = self.txn.get(idem_key, db=self.shard.idem)
+        if previous is not None:
+            return Stored(_U64.unpack(previous)[0], True, ())
+        devices = self._devices(op.to)
+        if devices is None:
+            raise FrameError(NOT_FOUND, f"no such user {op.to}", ref=op.msg_id)
+        if set(op.payloads) != set(devices):
+            missing = sorted(set(devices) - set(op.payloads))
+            extra = sorted(set(op.payloads) - set(devices))
+            raise FrameError(CONFLICT, f"missing {missing}; extra {extra}", ref=op.msg_id)
+        for device, payload in op.payloads.items():
+            tail = msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)
+            self._append(op.to, device, ENTRY_MSG, MSG_FIELDS, op.ts, tail)
+        self.txn.put(idem_key, _U64.pack(op.ts), db=self.shard.idem)
+        return Stored(op.ts, False, tuple(op.payloads))
+
+    def append_entries(self, op: AppendEntries) -> list[tuple[int, int]]:
+        devices: tuple[int, ...] | list[int]
+        if op.devices is None:
+            known = self._devices(op.user)
+            if known is None:
+                return []
+            devices = [d for d in known if d != op.skip_device]
+        else:
+            devices = op.devices
+        return [(d, self._append(op.user, d, op.type, op.count, op.created, op.tail)) for d in devices]
+
+    def delete_up_to(self, user: str, device: int, seq: int) -> int:
+        prefix = device_prefix(user, device)
+        plen = len(prefix)
+        txn = self.txn
+        cursor = txn.cursor(db=self.shard.inbox)
+        deleted = 0
+        if cursor.set_range(prefix):
+            while True:
+                key = cursor.key()
+                if key[:plen] != prefix or _U64.unpack_from(key, plen)[0] > seq:
+                    break
+                deleted += 1
+                if not cursor.delete():
+                    break
+        if deleted:
+            raw = txn.get(prefix, db=self.shard.meta)
+            if raw is not None:
+                next_seq, pending = _META.unpack(raw)
+                txn.put(prefix, _META.pack(next_seq, max(0, pending - deleted)), db=self.shard.meta)
+        return deleted
+
+    def expire(self, op: ExpireEntries) -> tuple[bytes | None, int]:
+        """Sweep up to ``op.limit`` inbox keys, then the idempotency records."""
+        txn = self.txn
+        cursor = txn.cursor(db=self.shard.inbox)
+        deleted = 0
+        seen = 0
+        pending_drop: dict[bytes, int] = {}
+        positioned = cursor.set_range(op.resume) if op.resume else cursor.first()
+        while positioned:
+            if seen >= op.limit:
+                resume: bytes | None = cursor.key()
+                break
+            seen += 1
+            key, value = cursor.item()
+            created = _ENTRY_HEAD.unpack_from(value)[2]
+            if created < op.cutoff:
+                prefix = key[:-8]
+                pending_drop[prefix] = pending_drop.get(prefix, 0) + 1
+                deleted += 1
+                positioned = cursor.delete()
+                continue
+            positioned = cursor.next()
+        else:
+            resume = None
+        for prefix, count in pending_drop.items():
+            raw = txn.get(prefix, db=self.shard.meta)
+            if raw is not None:
+                next_seq, pending = _META.unpack(raw)
+                txn.put(prefix, _META.pack(next_seq, max(0, pending - count)), db=self.shard.meta)
+        if resume is None:
+            # Idempotency records live as long as the messages they guard.
+            idem = txn.cursor(db=self.shard.idem)
+            positioned = idem.first()
+            while positioned:
+                if _U64.unpack(idem.value())[0] < op.cutoff:
+                    positioned = idem.delete()
+                else:
+                    positioned = idem.next()
+        return resume, deleted
