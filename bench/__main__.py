@@ -1,0 +1,155 @@
+"""``python -m bench SCENARIO [options]``: run a scenario against one or more relays.
+
+The relay runs pinned to core 0, this load generator pins itself to core 1
+(when two cores are allowed). Prints a JSON document on stdout and a readable
+table on stderr (``--json-only``: the JSON alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from typing import Any
+
+from bench import scenarios
+from bench.system import machine_info, pick_cores, pin_self
+from bench.targets import TARGETS, Running, TargetError, external, spawn, stop
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for name in scenarios.SCENARIOS:
+        module = scenarios.load(name)
+        p = sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        p.add_argument(
+            "--targets",
+            default=",".join(TARGETS),
+            help=f"comma-separated subset of {','.join(TARGETS)} (default: all, in that order)",
+        )
+        p.add_argument("--url", help="ws://HOST:PORT/v1 of a running relay (instead of spawning targets)")
+        p.add_argument("--relay-pid", type=int, help="with --url: PID of that relay, to measure its CPU share")
+        p.add_argument("--sync", default="durable", choices=("durable", "none"), help="relay --sync (default durable)")
+        p.add_argument("--no-pin", action="store_true", help="do not pin the relay and the load generator to cores")
+        p.add_argument("--start-timeout", type=float, default=60.0, help="seconds for a relay to print 'listening'")
+        p.add_argument("--json-only", action="store_true", help="print only the JSON document")
+        p.add_argument("--output", help="also write the JSON document to this file")
+        module.add_arguments(p)
+    return parser
+
+
+def ratios(results: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """headline(a) / headline(b) for every ordered pair of successful targets,
+    the faster-path one first (fast/pure, fast/naive, pure/naive)."""
+    ok = [(r["target"], r.get(key)) for r in results if r.get("ok") and r.get(key)]
+    out = {}
+    for i, (a, va) in enumerate(ok):
+        for b, vb in ok[i + 1 :]:
+            out[f"{a}/{b}"] = round(va / vb, 2)
+    return out
+
+
+def run_target(module: Any, running: Running, args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = running.describe()
+    try:
+        figures = module.run(running.url, running.pid, args, alive=running.alive)
+    except Exception as exc:  # one target failing must not lose the others' figures
+        result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+        if not running.alive() or running.proc is not None:
+            tail = running.log_tail()
+            if tail:
+                result["relay_log_tail"] = tail
+        return result
+    result.update(ok=True, **figures)
+    if not running.alive():
+        result["ok"] = False
+        result["error"] = "relay exited during the run"
+    return result
+
+
+def print_table(doc: dict[str, Any], module: Any, out: Any) -> None:
+    results = doc["results"]
+    m = doc["machine"]
+    print(f"\n{doc['scenario']} — {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, "
+          f"Linux {m['kernel']}, {m['date']}", file=out)
+    columns = [r["target"] + (f" ({r['implementation']})" if r.get("implementation") else "") for r in results]
+    rows: dict[str, list[str]] = {}
+    for i, r in enumerate(results):
+        if r.get("ok"):
+            for label, value in module.table(r):
+                rows.setdefault(label, [""] * len(results))[i] = value
+        else:
+            rows.setdefault("error", [""] * len(results))[i] = str(r.get("error", ""))[:60]
+    width0 = max([len(k) for k in rows] + [10])
+    widths = [max(len(c), *(len(v[i]) for v in rows.values())) for i, c in enumerate(columns)]
+    print("  ".join([" " * width0] + [c.rjust(w) for c, w in zip(columns, widths, strict=True)]), file=out)
+    for label, values in rows.items():
+        print("  ".join([label.ljust(width0)] + [v.rjust(w) for v, w in zip(values, widths, strict=True)]), file=out)
+    for name, value in doc["ratios"].items():
+        print(f"ratio {name}: {value}", file=out)
+    for r in results:
+        for a in r.get("anomalies", []):
+            print(f"! {r['target']}: {a}", file=out)
+        for note in r.get("notes", []):
+            print(f"  {r['target']}: {note}", file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = scenarios.load(args.scenario)
+    relay_core, gen_core = (None, None) if args.no_pin else pick_cores()
+    pin_self(gen_core)
+    doc: dict[str, Any] = {
+        "scenario": args.scenario,
+        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "pinning": {"relay_core": relay_core, "loadgen_core": gen_core},
+        "results": [],
+    }
+    log = (lambda *a: None) if args.json_only else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    if args.url:
+        names = ["url"]
+    else:
+        names = [t.strip() for t in args.targets.split(",") if t.strip()]
+        unknown = [t for t in names if t not in TARGETS]
+        if unknown:
+            raise SystemExit(f"unknown target(s) {unknown}; expected a subset of {','.join(TARGETS)}")
+    for name in names:
+        running: Running | None = None
+        t0 = time.monotonic()
+        try:
+            if name == "url":
+                running = external(args.url, args.relay_pid)
+            else:
+                log(f"[bench] starting {name} ...")
+                running = spawn(name, args.sync, relay_core, args.start_timeout)
+            log(f"[bench] {name}: {running.url} (pid {running.pid}, {running.implementation}); running {args.scenario}")
+            result = run_target(module, running, args)
+        except TargetError as exc:
+            result = {"target": name, "ok": False, "error": str(exc)}
+        finally:
+            if running is not None:
+                code = stop(running)
+                if running.proc is None and code not in (None, 0, -15):
+                    running.notes.append(f"relay exit code {code} after SIGTERM")
+        result["notes"] = running.notes if running is not None else []
+        result["target"] = name
+        log(f"[bench] {name}: done in {time.monotonic() - t0:.1f} s"
+            + (f", {result.get(module.HEADLINE[0])} {module.HEADLINE[1]}" if result.get("ok") else f", FAILED: {result.get('error', '')[:300]}"))
+        doc["results"].append(result)
+    doc["ratios"] = ratios(doc["results"], module.HEADLINE[0])
+    text = json.dumps(doc, indent=2)
+    print(text, flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    if not args.json_only:
+        print_table(doc, module, sys.stderr)
+    return 0 if all(r.get("ok") for r in doc["results"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

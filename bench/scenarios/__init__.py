@@ -1,0 +1,29 @@
+"""Scenario registry. A scenario is a module with:
+
+* ``DESCRIPTION: str`` -- one line for ``--help``;
+* ``HEADLINE: tuple[str, str]`` -- (result key, unit) compared across targets
+  in ``ratios`` (higher is better);
+* ``add_arguments(parser)`` -- its own options;
+* ``run(url, relay_pid, args) -> dict`` -- one target, JSON-ready figures;
+* ``table(result) -> list[tuple[str, str]]`` -- readable (label, value) rows.
+
+Add ``idle``, ``drain``, ``fanout``, ``restart`` as modules here and list them
+in :data:`SCENARIOS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+SCENARIOS: dict[str, str] = {
+    "pairs": "bench.scenarios.pairs",
+    "latency": "bench.scenarios.latency",
+}
+
+
+def load(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(SCENARIOS[name])
+    except KeyError:
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}") from None

@@ -1,0 +1,73 @@
+"""``pairs``: closed-loop 1:1 throughput of the full message cycle.
+
+N senders each keep up to ``--window`` SENDs without SENT in flight; every
+SENT frees a slot and the next SENDs leave in the same WebSocket message as
+the sender's ACKs. A message counts as complete when its RECEIPT (status 1)
+reached the sender. ``msgs_per_s`` = completed cycles / measured seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bench.scenarios.common import PairsHarness, add_common_arguments
+
+DESCRIPTION = "closed-loop 1:1 throughput: SEND→SENT→MSG→ACK→RECEIPT, window per sender"
+HEADLINE = ("msgs_per_s", "msg/s")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--window", type=int, default=64, help="SENDs without SENT per sender (default 64)")
+
+
+def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
+    harness = PairsHarness(url, args, window=args.window, closed_loop=True)
+    try:
+        harness.setup()
+        for sender in harness.senders:
+            sender.send_now(sender.room(), time.perf_counter_ns())
+        result = harness.measure(relay_pid, lambda now: None, alive)
+    finally:
+        harness.close()
+    result["params"] = {"pairs": args.pairs, "window": args.window, "payload_bytes": 100, "ack": args.ack}
+    result["anomalies"] = anomalies(result["run_totals"])
+    return result
+
+
+def anomalies(totals: dict[str, int]) -> list[str]:
+    """Things a correct relay never does in this scenario."""
+    out = []
+    for key, what in (
+        ("errors", "ERROR frames"),
+        ("duplicates", "duplicate MSGs (redelivery without reconnect)"),
+        ("gaps", "MSGs skipped in a sender's order"),
+        ("unknown_ids", "SENT/RECEIPT for ids not in flight (or receipt status != 1)"),
+        ("unexpected", "unexpected frames (MSG to a sender, RECEIPT to a receiver, pending at READY, ...)"),
+    ):
+        if totals.get(key):
+            out.append(f"{totals[key]} {what}")
+    return out
+
+
+def table(result: dict[str, Any]) -> list[tuple[str, str]]:
+    lat = result["latency_ms"]
+    cpu = result["cpu"]
+    rows = [
+        ("msg/s (full cycle)", f"{result['msgs_per_s']:,.0f}"),
+        ("SEND→MSG p50 / p99 ms", f"{lat['send_to_msg']['p50']} / {lat['send_to_msg']['p99']}"),
+        ("SEND→SENT p50 / p99 ms", f"{lat['send_to_sent']['p50']} / {lat['send_to_sent']['p99']}"),
+        ("SEND→RECEIPT p50 / p99 ms", f"{lat['send_to_receipt']['p50']} / {lat['send_to_receipt']['p99']}"),
+        ("relay CPU share", _pct(cpu.get("relay_cpu_share"))),
+        ("load generator CPU share", _pct(cpu.get("loadgen_cpu_share"))),
+    ]
+    for core in cpu.get("cores", []):
+        rows.append((f"core {core['core']} busy (softirq)", f"{_pct(core['busy'])} ({_pct(core['softirq'])})"))
+    return rows
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.0f}%"

@@ -1,0 +1,128 @@
+"""Machine description, CPU pinning and CPU accounting."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no", "relay"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty(relay/)" if dirty else "")
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpu_model": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "python_impl": platform.python_implementation(),
+        "kernel": platform.release(),
+        "os": platform.platform(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "git": git_revision(),
+    }
+
+
+def pick_cores() -> tuple[int | None, int | None]:
+    """(relay core, load generator core): 0 and 1 when both are allowed, else no pinning."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None, None
+    if len(allowed) < 2:
+        return None, None
+    return allowed[0], allowed[1]
+
+
+def pin_self(core: int | None) -> None:
+    if core is not None:
+        os.sched_setaffinity(0, {core})
+
+
+@dataclass
+class CpuSample:
+    wall: float
+    self_cpu: float
+    relay_cpu: float | None
+    per_core: list[Any]
+
+
+class CpuMeter:
+    """CPU seconds of this process and of the relay (all its threads) over an interval,
+    plus the busy share of each core (including softirq: loopback TCP is paid there)."""
+
+    def __init__(self, relay_pid: int | None) -> None:
+        self.me = psutil.Process()
+        self.relay: psutil.Process | None = None
+        if relay_pid is not None:
+            try:
+                self.relay = psutil.Process(relay_pid)
+            except psutil.Error:
+                self.relay = None
+
+    def sample(self) -> CpuSample:
+        t = self.me.cpu_times()
+        relay_cpu = None
+        if self.relay is not None:
+            try:
+                r = self.relay.cpu_times()
+                relay_cpu = r.user + r.system
+            except psutil.Error:
+                relay_cpu = None
+        return CpuSample(time.monotonic(), t.user + t.system, relay_cpu, psutil.cpu_times(percpu=True))
+
+    @staticmethod
+    def shares(a: CpuSample, b: CpuSample) -> dict[str, Any]:
+        wall = b.wall - a.wall
+        out: dict[str, Any] = {
+            "loadgen_cpu_share": round((b.self_cpu - a.self_cpu) / wall, 3) if wall > 0 else None,
+            "relay_cpu_share": (
+                round((b.relay_cpu - a.relay_cpu) / wall, 3)
+                if wall > 0 and a.relay_cpu is not None and b.relay_cpu is not None
+                else None
+            ),
+        }
+        cores = []
+        for i, (x, y) in enumerate(zip(a.per_core, b.per_core, strict=True)):
+            total = sum(y) - sum(x)
+            idle = (y.idle - x.idle) + (getattr(y, "iowait", 0.0) - getattr(x, "iowait", 0.0))
+            softirq = getattr(y, "softirq", 0.0) - getattr(x, "softirq", 0.0)
+            cores.append({
+                "core": i,
+                "busy": round(1 - idle / total, 3) if total > 0 else None,
+                "softirq": round(softirq / total, 3) if total > 0 else None,
+            })
+        out["cores"] = cores
+        return out

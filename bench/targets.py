@@ -1,0 +1,192 @@
+"""The relays under test: spawned as subprocesses (pinned to one core) or given by URL.
+
+Targets:
+
+* ``fast``  -- ``python -m relay serve`` with the compiled fast path;
+* ``pure``  -- the same with ``RELAY_PURE=1`` (pure-Python fast path twin);
+* ``naive`` -- :mod:`bench.naive_relay`, a plain trio-websocket relay;
+* ``--url`` -- a relay somebody else started (not pinned, CPU not measured
+  unless ``--relay-pid`` is given).
+
+Each spawned relay gets a fresh temporary data directory, its stdout/stderr
+go to files in it (no pipe can fill up and stall it), and it is stopped by
+its PID: SIGTERM, then SIGKILL after a grace period, always, also on error or
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.system import REPO_ROOT
+
+TARGETS = ("fast", "pure", "naive")
+LISTENING = re.compile(r"listening (ws://\S+)")
+
+
+class TargetError(Exception):
+    """A relay did not start, or died."""
+
+
+@dataclass
+class Running:
+    name: str
+    url: str
+    pid: int | None
+    proc: subprocess.Popen[bytes] | None = None
+    data_dir: Path | None = None
+    implementation: str | None = None
+    command: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+    def log_tail(self, n: int = 2000) -> str:
+        if self.data_dir is None:
+            return ""
+        out = []
+        for name in ("stdout.log", "stderr.log"):
+            path = self.data_dir.parent / name
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                out.append(f"--- {name} ---\n{text[-n:]}")
+        return "\n".join(out)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": self.name,
+            "url": self.url,
+            "pid": self.pid,
+            "implementation": self.implementation,
+            "command": " ".join(self.command) if self.command else None,
+            "notes": self.notes,
+        }
+
+
+def _env(name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("RELAY_PURE", None)
+    if name == "pure":
+        env["RELAY_PURE"] = "1"
+    return env
+
+
+def fastpath_implementation(env: dict[str, str]) -> str | None:
+    """What ``relay.fastpath`` picks under ``env`` ("cython" or "pure")."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", "import relay.fastpath as f; print(f.IMPLEMENTATION)"],
+            env=env, cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def command_for(name: str, data_dir: Path, sync: str, host: str) -> list[str]:
+    if name == "naive":
+        return [sys.executable, "-m", "bench.naive_relay", "--host", host, "--port", "0"]
+    if name in ("fast", "pure"):
+        return [
+            sys.executable, "-m", "relay", "serve", "--host", host, "--port", "0",
+            "--data", str(data_dir), "--sync", sync,
+        ]
+    raise ValueError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
+
+
+def spawn(name: str, sync: str, core: int | None, start_timeout: float = 60.0, host: str = "127.0.0.1") -> Running:
+    """Start target ``name`` and wait for its ``listening ws://...`` line."""
+    base = Path(tempfile.mkdtemp(prefix=f"relay-bench-{name}-"))
+    data_dir = base / "data"
+    data_dir.mkdir()
+    env = _env(name)
+    cmd = command_for(name, data_dir, sync, host)
+    stdout = open(base / "stdout.log", "wb")  # noqa: SIM115 -- handed to the child
+    stderr = open(base / "stderr.log", "wb")  # noqa: SIM115
+    preexec = None
+    if core is not None:
+        def preexec() -> None:
+            os.sched_setaffinity(0, {core})
+    try:
+        proc = subprocess.Popen(
+            cmd, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL,
+            stdout=stdout, stderr=stderr, preexec_fn=preexec, start_new_session=True,
+        )
+    finally:
+        stdout.close()
+        stderr.close()
+    running = Running(name, "", proc.pid, proc, data_dir, command=cmd)
+    try:
+        if name in ("fast", "pure"):
+            running.implementation = fastpath_implementation(env)
+            if name == "fast" and running.implementation != "cython":
+                running.notes.append(
+                    f"relay.fastpath.IMPLEMENTATION is {running.implementation!r} without RELAY_PURE: "
+                    "the compiled extension is not built, so 'fast' measures the pure path"
+                )
+        else:
+            running.implementation = "trio-websocket"
+        deadline = time.monotonic() + start_timeout
+        log = base / "stdout.log"
+        while True:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            m = LISTENING.search(text)
+            if m:
+                running.url = m.group(1)
+                break
+            if proc.poll() is not None:
+                raise TargetError(f"{name}: relay exited with {proc.returncode} before listening\n{running.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TargetError(f"{name}: no 'listening' line within {start_timeout:.0f} s\n{running.log_tail()}")
+            time.sleep(0.05)
+        if core is not None:
+            running.notes.append(f"relay pinned to core {core}")
+        return running
+    except BaseException:
+        stop(running)
+        raise
+
+
+def stop(running: Running, grace: float = 5.0) -> int | None:
+    """Stop a spawned relay by its PID (SIGTERM, then SIGKILL) and remove its
+    temp directory. Returns the exit code; a no-op for ``--url`` targets."""
+    proc = running.proc
+    code = None
+    if proc is not None:
+        if proc.poll() is None:
+            try:
+                proc.send_signal(signal.SIGTERM)
+                code = proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                running.notes.append(f"did not exit within {grace:.0f} s of SIGTERM; killed")
+                proc.kill()
+                code = proc.wait(timeout=grace)
+            except ProcessLookupError:
+                code = proc.poll()
+        else:
+            code = proc.returncode
+        running.proc = None
+    if running.data_dir is not None:
+        shutil.rmtree(running.data_dir.parent, ignore_errors=True)
+        running.data_dir = None
+    return code
+
+
+def external(url: str, pid: int | None) -> Running:
+    return Running("url", url, pid, implementation=None, notes=["external relay: not spawned, not pinned"])
