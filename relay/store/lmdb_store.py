@@ -253,9 +253,13 @@ class _WriteTxn:
         devices = self._devices(op.to)
         if devices is None:
             raise FrameError(NOT_FOUND, f"no such user {op.to}", ref=op.msg_id)
-        if set(op.payloads) != set(devices):
-            missing = sorted(set(devices) - set(op.payloads))
-            extra = sorted(set(op.payloads) - set(devices))
+        expected = set(devices)
+        if op.to == op.sender:
+            # A note to self goes to the user's other devices only.
+            expected.discard(op.sender_device)
+        if set(op.payloads) != expected:
+            missing = sorted(expected - set(op.payloads))
+            extra = sorted(set(op.payloads) - expected)
             raise FrameError(CONFLICT, f"missing {missing}; extra {extra}", ref=op.msg_id)
         for device, payload in op.payloads.items():
             tail = msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)

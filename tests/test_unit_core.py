@@ -1,0 +1,219 @@
+"""Fast unit tests of the pure core: window, session, handshake, store ops."""
+
+from __future__ import annotations
+
+import base64
+
+import msgpack
+import pytest
+
+from relay.errors import CLOSE_POLICY, FrameError
+from relay.protocol import frames
+from relay.protocol.handshake import ServerHandshake, accept_key
+from relay.protocol.session import MAX_MALFORMED, Session, SessionState
+from relay.protocol.window import DeliveryWindow
+from relay.store.base import AppendEntries, DeleteUpTo, ExpireEntries, RegisterUser, Stored, StoreMessage
+from relay.store.lmdb_store import LmdbStore
+
+
+def pack(*objs: object) -> bytes:
+    return b"".join(msgpack.packb(o, use_bin_type=True) for o in objs)
+
+
+# --- window -------------------------------------------------------------------
+
+
+def test_window_capacity_and_cumulative_ack():
+    w = DeliveryWindow(3)
+    for seq in (1, 2, 5):
+        w.pushed(seq)
+    assert w.capacity() == 0
+    assert w.ack(2) == 2 and w.capacity() == 2
+    assert w.ack(2) is None
+    assert w.ack(100) == 5, "an ack beyond what was pushed covers only what was pushed"
+    assert w.capacity() == 3
+    with pytest.raises(ValueError):
+        w.pushed(5)
+
+
+# --- session ------------------------------------------------------------------
+
+
+def test_session_requires_auth_first_and_closes():
+    s = Session()
+    (item,) = s.receive_message(pack([14, 1]))
+    assert isinstance(item, FrameError) and item.code == 401 and item.close == CLOSE_POLICY
+    assert s.state is SessionState.CLOSED
+    assert s.receive_message(pack([14, 1])) == []
+
+
+def test_session_auth_then_frames_and_batch_with_bad_frame():
+    s = Session()
+    (auth,) = s.receive_message(pack([1, "alice", 1, b"x" * 64]))
+    assert isinstance(auth, frames.Auth)
+    s.authenticated("alice", 1)
+    items = s.receive_message(pack([14, 3], [99], [14, 4]))
+    assert isinstance(items[0], frames.Ack) and items[0].seq == 3
+    assert isinstance(items[1], FrameError) and items[1].code == 400 and items[1].ref == 99
+    assert isinstance(items[2], frames.Ack) and items[2].seq == 4
+
+
+def test_session_too_many_frames_drops_message():
+    s = Session(max_frames_per_message=4)
+    s.authenticated("a", 1)
+    (item,) = s.receive_message(pack(*([[14, 1]] * 5)))
+    assert isinstance(item, FrameError) and item.code == 413 and item.close is None
+
+
+def test_session_malformed_budget_closes():
+    s = Session()
+    s.authenticated("a", 1)
+    closes = []
+    for _ in range(MAX_MALFORMED + 1):
+        for item in s.receive_message(pack(["nope"])):
+            assert isinstance(item, FrameError)
+            closes.append(item.close)
+    assert closes[-1] == CLOSE_POLICY and all(c is None for c in closes[:-1])
+
+
+def test_session_garbage_after_good_frame():
+    s = Session()
+    s.authenticated("a", 1)
+    items = s.receive_message(pack([14, 1]) + b"\xc1")
+    assert isinstance(items[0], frames.Ack)
+    assert isinstance(items[1], FrameError) and items[1].ref is None
+
+
+def test_send_ref_is_msg_id_when_readable():
+    mid = b"m" * 16
+    with pytest.raises(FrameError) as info:
+        frames.parse_frame([10, mid, "Bad User", {1: b""}])
+    assert info.value.ref == mid
+    with pytest.raises(FrameError) as info:
+        frames.parse_frame([10, b"short", "bob", {1: b""}])
+    assert info.value.ref == frames.SEND
+
+
+# --- handshake ----------------------------------------------------------------
+
+REQUEST = (
+    b"GET /v1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
+
+
+def test_handshake_accepts_and_keeps_trailing_bytes():
+    outcome = ServerHandshake().receive_data(REQUEST + b"Sec-WebSocket-Protocol: relay.v1\r\n\r\n\x82\x80")
+    assert outcome is not None and outcome.accepted
+    assert outcome.trailing == b"\x82\x80"
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in outcome.response
+    assert accept_key(b"dGhlIHNhbXBsZSBub25jZQ==") == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_handshake_needs_subprotocol_and_path():
+    outcome = ServerHandshake().receive_data(REQUEST + b"\r\n")
+    assert outcome is not None and not outcome.accepted and outcome.response.startswith(b"HTTP/1.1 400")
+    outcome = ServerHandshake().receive_data(REQUEST.replace(b"/v1", b"/v2") + b"Sec-WebSocket-Protocol: relay.v1\r\n\r\n")
+    assert outcome is not None and outcome.response.startswith(b"HTTP/1.1 404")
+
+
+def test_handshake_incremental():
+    hs = ServerHandshake()
+    data = REQUEST + b"Sec-WebSocket-Protocol: x, relay.v1\r\n\r\n"
+    for i in range(len(data) - 1):
+        assert hs.receive_data(data[i : i + 1]) is None
+    outcome = hs.receive_data(data[-1:])
+    assert outcome is not None and outcome.accepted
+    assert base64.b64decode(outcome.response.split(b"sec-websocket-accept: ")[1].split(b"\r\n")[0])
+
+
+# --- store --------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = LmdbStore(tmp_path / "store", shards=2, map_size=64 << 20)
+    yield s
+    s.close()
+
+
+def _apply(store: LmdbStore, op):
+    (result,) = store.apply_batch(store.shard_of(getattr(op, "user", None) or op.to), [op])
+    return result
+
+
+def test_store_message_idempotent_and_ordered(store):
+    assert _apply(store, RegisterUser("bob", b"k" * 32, 1)) is True
+    assert isinstance(_apply(store, RegisterUser("bob", b"k" * 32, 1)), FrameError)
+    op = StoreMessage("alice", 1, b"i" * 16, "bob", {1: b"p1"}, 1000)
+    first = _apply(store, op)
+    assert first == Stored(1000, False, (1,))
+    again = _apply(store, StoreMessage("alice", 1, b"i" * 16, "bob", {1: b"other"}, 2000))
+    assert again.duplicate and again.ts == 1000
+    other_device = _apply(store, StoreMessage("alice", 2, b"i" * 16, "bob", {1: b"p2"}, 3000))
+    assert not other_device.duplicate
+    entries = store.read_inbox("bob", 1, 0, 10)
+    assert [e.seq for e in entries] == [1, 2]
+    assert frames.decode_tail(entries[1].tail)[-1] == b"p2"
+    assert store.pending("bob", 1) == 2
+
+
+def test_store_device_mismatch_and_unknown_user(store):
+    _apply(store, RegisterUser("bob", b"k" * 32, 1))
+    bad = _apply(store, StoreMessage("alice", 1, b"j" * 16, "bob", {1: b"", 7: b""}, 1))
+    assert isinstance(bad, FrameError) and bad.code == 409 and bad.reason == "missing []; extra [7]"
+    unknown = _apply(store, StoreMessage("alice", 1, b"j" * 16, "nobody", {1: b""}, 1))
+    assert isinstance(unknown, FrameError) and unknown.code == 404
+    assert store.pending("bob", 1) == 0
+
+
+def test_store_delete_up_to_and_append(store):
+    _apply(store, RegisterUser("bob", b"k" * 32, 1))
+    for i in range(5):
+        _apply(store, StoreMessage("alice", 1, bytes([i]) * 16, "bob", {1: b"x"}, i))
+    assert _apply(store, DeleteUpTo("bob", 1, 3)) == 3
+    assert [e.seq for e in store.read_inbox("bob", 1, 0, 10)] == [4, 5]
+    assert store.pending("bob", 1) == 2
+    seqs = _apply(store, AppendEntries("bob", frames.RECEIPT, 5, b"", 9))
+    assert seqs == [(1, 6)], "seq keeps increasing after deletes"
+
+
+def test_store_expiry(store):
+    _apply(store, RegisterUser("bob", b"k" * 32, 1))
+    for i, ts in enumerate((100, 200, 5000)):
+        _apply(store, StoreMessage("alice", 1, bytes([i]) * 16, "bob", {1: b"x"}, ts))
+    shard = store.shard_of("bob")
+    resume, deleted = store.apply_batch(shard, [ExpireEntries(1000, 1)])[0]
+    assert deleted == 0 or resume is not None
+    total = deleted
+    while resume is not None:
+        resume, deleted = store.apply_batch(shard, [ExpireEntries(1000, 1, resume)])[0]
+        total += deleted
+    assert total == 2
+    assert [e.seq for e in store.read_inbox("bob", 1, 0, 10)] == [3]
+    assert store.pending("bob", 1) == 1
+
+
+def test_store_reopen_keeps_shard_count(tmp_path):
+    s = LmdbStore(tmp_path / "s", shards=3, map_size=16 << 20)
+    s.close()
+    s = LmdbStore(tmp_path / "s", shards=7, map_size=16 << 20)
+    assert s.shards == 3
+    s.close()
+
+
+def test_store_full_gives_store_full_error(tmp_path):
+    from relay.errors import StoreFullError
+
+    s = LmdbStore(tmp_path / "tiny", shards=1, map_size=256 << 10)
+    _apply(s, RegisterUser("bob", b"k" * 32, 1))
+    results = []
+    for i in range(200):
+        results.append(_apply(s, StoreMessage("alice", 1, i.to_bytes(16, "big"), "bob", {1: b"z" * 4000}, i)))
+        if isinstance(results[-1], StoreFullError):
+            break
+    assert isinstance(results[-1], StoreFullError)
+    stored = sum(isinstance(r, Stored) for r in results)
+    assert len(s.read_inbox("bob", 1, 0, 1000)) == stored, "nothing acknowledged is lost"
+    assert _apply(s, DeleteUpTo("bob", 1, 2)) == 2, "acks still work when full"
+    s.close()
