@@ -47,6 +47,8 @@ class FrameError(RelayError):
     (a msg_id, a frame type number or None), ``close`` the WebSocket close
     code to send after the ERROR, or None to keep the connection open.
     ``malformed`` counts toward the per-connection limit of malformed frames.
+    ``req_id`` is set when the bad frame is a REQ with a readable req_id: the
+    answer is then ``RES ok=false {code, reason}`` instead of ERROR.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class FrameError(RelayError):
         ref: object = None,
         close: int | None = None,
         malformed: bool = False,
+        req_id: int | None = None,
     ) -> None:
         super().__init__(f"{code} {reason}")
         self.code = code
@@ -63,6 +66,8 @@ class FrameError(RelayError):
         self.ref = ref
         self.close = close
         self.malformed = malformed
+        # Set for a malformed REQ whose req_id was readable: answer RES ok=false.
+        self.req_id = req_id
 
 
 class StoreError(RelayError):

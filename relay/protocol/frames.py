@@ -195,8 +195,11 @@ def parse_frame(obj: object) -> ClientEvent:
             raise _bad("READ msg_ids must be bin16", READ)
         return Read(obj[1], ids)
     if ftype == REQ:
-        if n != 4 or type(obj[1]) is not int or type(obj[2]) is not str or type(obj[3]) is not dict:
-            raise _bad("REQ is [20, req_id, op, args]", REQ)
+        req_id = obj[1] if n > 1 and type(obj[1]) is int else None
+        if n != 4 or req_id is None or type(obj[2]) is not str or type(obj[3]) is not dict:
+            error = _bad("REQ is [20, req_id, op: str, args: map]", REQ)
+            error.req_id = req_id
+            raise error
         return Request(obj[1], obj[2], obj[3])
     if ftype == SIGNAL:
         if n != 3 or not (is_user(obj[1]) or is_group(obj[1])):

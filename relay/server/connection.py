@@ -143,7 +143,11 @@ class Connection:
             self._wake.set()
 
     def _queue_error(self, error: FrameError) -> None:
-        self._queue_reply(frames.encode_error(error.ref, error.code, error.reason))
+        if error.req_id is not None:
+            reply = frames.encode_res(error.req_id, False, {"code": error.code, "reason": error.reason})
+        else:
+            reply = frames.encode_error(error.ref, error.code, error.reason)
+        self._queue_reply(reply)
         if error.close is not None:
             self.begin_close(error.close, error.reason[:100])
 
