@@ -51,8 +51,9 @@ def apply_mask(data: bytes, mask: bytes) -> bytes:
     n = len(data)
     if n == 0:
         return b""
-    # One big-integer XOR instead of a Python loop per byte.
-    key = (mask * (n // 4 + 1))[:n]
+    # One big-integer XOR instead of a Python loop per byte. ``bytes(mask)``
+    # so that any bytes-like mask works (a memoryview cannot be repeated).
+    key = (bytes(mask) * (n // 4 + 1))[:n]
     return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
@@ -80,7 +81,9 @@ def pack_entry(type_code: int, seq: int, count: int, tail: bytes) -> bytes:
     costs a header and a seq, not a decode and re-encode of the payload.
     """
     n = count + 2
-    if n > 15 or not 0 <= type_code <= 127:
+    # A negative count would write a fixarray shorter than the bytes that
+    # follow it (count -1/-2) or an invalid first byte: reject it too.
+    if not 2 <= n <= 15 or not 0 <= type_code <= 127:
         raise ValueError("entry frames are fixarrays with a positive fixint type")
     if seq < 0:
         raise ValueError("seq must be non-negative")
@@ -111,7 +114,9 @@ class FrameParser:
 
     def __init__(self, max_message_size: int, require_mask: bool = True) -> None:
         self.max_message_size = max_message_size
-        self.require_mask = require_mask
+        # bool(): the check below compares it with bool(masked), so a truthy
+        # non-bool such as "yes" would otherwise reject every frame.
+        self.require_mask = bool(require_mask)
         self._buffer = bytearray()
         self._fragments: list[bytes] = []
         self._fragment_opcode = 0
