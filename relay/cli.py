@@ -22,7 +22,7 @@ from relay.errors import ConfigError
 log = logging.getLogger("relay")
 
 
-def _add_serve(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("serve", help="run the relay (WebSocket at /v1)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8765; 0 picks a free one)")

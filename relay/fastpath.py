@@ -23,7 +23,7 @@ def load(name: str | None = None) -> ModuleType:
     if name not in (None, "cython"):
         raise ValueError(f"unknown fast path {name!r}: expected 'cython' or 'pure'")
     try:
-        from relay import _fastpath  # type: ignore[attr-defined]
+        from relay import _fastpath
     except ImportError:
         if name == "cython":
             raise

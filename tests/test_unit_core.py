@@ -12,7 +12,14 @@ from relay.protocol import frames
 from relay.protocol.handshake import ServerHandshake, accept_key
 from relay.protocol.session import MAX_MALFORMED, Session, SessionState
 from relay.protocol.window import DeliveryWindow
-from relay.store.base import AppendEntries, DeleteUpTo, ExpireEntries, RegisterUser, Stored, StoreMessage
+from relay.store.base import (
+    AppendEntries,
+    DeleteUpTo,
+    ExpireEntries,
+    RegisterUser,
+    Stored,
+    StoreMessage,
+)
 from relay.store.lmdb_store import LmdbStore
 
 

@@ -152,7 +152,7 @@ def parse_frame(obj: object) -> ClientEvent:
         for device, payload in payloads.items():
             if not is_device(device) or type(payload) is not bytes:
                 raise _bad("payloads must map device (1-255) -> bin", ref)
-        return Send(msg_id, to, payloads)
+        return Send(obj[1], to, payloads)
     if ftype == ACK:
         if n != 2 or type(obj[1]) is not int or not 0 <= obj[1] <= MAX_SEQ:
             raise _bad("ACK is [14, seq]", ACK)
@@ -184,7 +184,7 @@ def parse_frame(obj: object) -> ClientEvent:
             raise _bad("to must be a group id", ref)
         if type(obj[3]) is not bytes:
             raise _bad("payload must be bin", ref)
-        return SendGroup(msg_id, obj[2], obj[3])
+        return SendGroup(obj[1], obj[2], obj[3])
     if ftype == READ:
         if n != 3 or not is_user(obj[1]) or type(obj[2]) is not list:
             raise _bad("READ is [16, sender, [msg_id]]", READ)

@@ -12,6 +12,7 @@ with signal handling. Task tree::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -67,10 +68,9 @@ class RelayServer:
         self._nursery.start_soon(self._submit_quietly, writer, op)
 
     async def _submit_quietly(self, writer: GroupCommitWriter, op: WriteOp) -> None:
-        try:
+        # Shutting down: the acked entries are then redelivered next time.
+        with contextlib.suppress(trio.ClosedResourceError):
             await writer.submit(op)
-        except trio.ClosedResourceError:
-            pass  # shutting down: the acked entries are redelivered next time
 
     def statistics(self) -> dict[str, Any]:
         return {

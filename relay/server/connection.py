@@ -20,6 +20,7 @@ ephemeral).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -181,7 +182,7 @@ class Connection:
         handshake = ServerHandshake()
         with trio.move_on_after(self.settings.handshake_timeout_s):
             while True:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+                data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
                 outcome = handshake.receive_data(data)
                 if outcome is None:
                     continue
@@ -196,7 +197,7 @@ class Connection:
                 if data and await self._handle_bytes(data):
                     return
                 with trio.move_on_after(idle) as idle_scope:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
                 if idle_scope.cancelled_caught:
                     self.begin_close(CLOSE_GOING_AWAY, "idle timeout")
                     data = b""
@@ -385,7 +386,7 @@ class Connection:
                 server.spawn_submit(delete_writer, delete)
 
         for receipt in receipts:
-            await server.writer_for(receipt.user).submit(receipt, lambda r, receipt=receipt: receipt_done(receipt, r))
+            await server.writer_for(receipt.user).submit(receipt, functools.partial(receipt_done, receipt))
 
     async def _serve_read(self, event: frames.Read) -> None:
         assert self.user is not None and self.device is not None

@@ -52,9 +52,9 @@ class Router:
                 conn.wake()
             return
         for device in devices:
-            conn = online.get(device)
-            if conn is not None:
-                conn.wake()
+            target = online.get(device)
+            if target is not None:
+                target.wake()
 
     def devices_online(self, user: str) -> list[Routable]:
         return list(self._online.get(user, {}).values())

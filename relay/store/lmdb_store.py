@@ -62,7 +62,7 @@ def _entry_value(type_: int, count: int, created: int, tail: bytes) -> bytes:
     return _ENTRY_HEAD.pack(type_, count, created) + tail
 
 
-def _decode_user(user: str, raw: bytes) -> UserRecord:
+def _decode_user(user: str, raw: bytes | memoryview) -> UserRecord:
     rec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     return UserRecord(user, dict(rec["devices"]), rec["created"])
 
@@ -309,13 +309,13 @@ class _WriteTxn:
         positioned = cursor.set_range(op.resume) if op.resume else cursor.first()
         while positioned:
             if seen >= op.limit:
-                resume: bytes | None = cursor.key()
+                resume: bytes | None = bytes(cursor.key())
                 break
             seen += 1
             key, value = cursor.item()
             created = _ENTRY_HEAD.unpack_from(value)[2]
             if created < op.cutoff:
-                prefix = key[:-8]
+                prefix = bytes(key[:-8])
                 pending_drop[prefix] = pending_drop.get(prefix, 0) + 1
                 deleted += 1
                 positioned = cursor.delete()
