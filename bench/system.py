@@ -125,4 +125,10 @@ class CpuMeter:
                 "softirq": round(softirq / total, 3) if total > 0 else None,
             })
         out["cores"] = cores
+        # Busy core-seconds not explained by the relay, the load generator or softirq:
+        # other processes on the machine. Much above 0 means the figures are disturbed.
+        busy = sum(c["busy"] * 1.0 for c in cores if c["busy"] is not None)
+        softirq_total = sum(c["softirq"] for c in cores if c["softirq"] is not None)
+        known = (out["loadgen_cpu_share"] or 0.0) + (out["relay_cpu_share"] or 0.0)
+        out["others_cpu_share"] = round(max(0.0, busy - softirq_total - known), 3)
         return out

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.scenarios.common import PairsHarness, add_common_arguments
-from bench.scenarios.pairs import anomalies
+from bench.scenarios.pairs import anomalies, disturbance
 from bench.stats import summarize_ns
 
 DESCRIPTION = "open-loop 1:1 latency at a fixed offered rate (p50/p99/p999)"
@@ -87,7 +87,7 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
     result["offered_per_s"] = args.rate
     result["schedule_lag_ms"] = summarize_ns(schedule.lag_ns[lag_mark[0] :], QUANTILES)
     result["params"] = {"pairs": args.pairs, "rate": args.rate, "payload_bytes": 100, "ack": args.ack}
-    result["anomalies"] = anomalies(result["run_totals"])
+    result["anomalies"] = anomalies(result["run_totals"]) + disturbance(result["cpu"])
     if result["run_totals"].get("throttled"):
         result["anomalies"].append(
             f"{result['run_totals']['throttled']} scheduled messages not sent: --max-unreceipted reached"
@@ -110,6 +110,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("schedule lag p99 / max ms", f"{result['schedule_lag_ms']['p99']} / {result['schedule_lag_ms']['max']}"),
         ("relay CPU share", _pct(cpu.get("relay_cpu_share"))),
         ("load generator CPU share", _pct(cpu.get("loadgen_cpu_share"))),
+        ("other processes CPU share", _pct(cpu.get("others_cpu_share"))),
     ]
     return rows
 

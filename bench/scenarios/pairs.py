@@ -34,7 +34,7 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
     finally:
         harness.close()
     result["params"] = {"pairs": args.pairs, "window": args.window, "payload_bytes": 100, "ack": args.ack}
-    result["anomalies"] = anomalies(result["run_totals"])
+    result["anomalies"] = anomalies(result["run_totals"]) + disturbance(result["cpu"])
     return result
 
 
@@ -53,6 +53,14 @@ def anomalies(totals: dict[str, int]) -> list[str]:
     return out
 
 
+def disturbance(cpu: dict[str, Any], limit: float = 0.1) -> list[str]:
+    """A warning when other processes used noticeable CPU during the measured interval."""
+    others = cpu.get("others_cpu_share")
+    if others is not None and others > limit:
+        return [f"other processes used {others * 100:.0f}% of a core while measuring: figures disturbed"]
+    return []
+
+
 def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     lat = result["latency_ms"]
     cpu = result["cpu"]
@@ -64,6 +72,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("relay CPU share", _pct(cpu.get("relay_cpu_share"))),
         ("load generator CPU share", _pct(cpu.get("loadgen_cpu_share"))),
     ]
+    rows.append(("other processes CPU share", _pct(cpu.get("others_cpu_share"))))
     for core in cpu.get("cores", []):
         rows.append((f"core {core['core']} busy (softirq)", f"{_pct(core['busy'])} ({_pct(core['softirq'])})"))
     return rows
