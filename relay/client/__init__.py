@@ -1,0 +1,26 @@
+"""The relay client library: connect a device, send, receive, ack, reconnect.
+
+Start with :func:`open_client` and :class:`DeviceIdentity`; see ``docs/client.md``.
+"""
+
+from .client import RelayClient, open_client
+from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
+from .identity import DeviceIdentity, auth_signature
+from .types import Entry, Event, Message, Receipt, Signal
+
+__all__ = [
+    "AuthError",
+    "ClientError",
+    "ConnectionClosed",
+    "DeviceIdentity",
+    "Entry",
+    "Event",
+    "Message",
+    "Receipt",
+    "RelayClient",
+    "RequestError",
+    "SendError",
+    "Signal",
+    "auth_signature",
+    "open_client",
+]

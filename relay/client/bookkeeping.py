@@ -66,13 +66,19 @@ class DedupeWindow:
 
 
 class AckTracker:
-    """When to send the cumulative ACK.
+    """When to send the cumulative ACK, and with which seq.
 
-    The application *takes* entries in seq order; the ACK value is the highest
-    seq taken. An ACK is due once ``batch`` entries were taken since the last
-    one, or ``delay`` seconds after the first un-acked one was taken, or at
-    once on a new connection (the old one may have lost it) and when closing.
-    Anything else going out may carry the ACK along (:meth:`flush`).
+    The application *takes* entries in seq order. The relay clamps an ACK to
+    what it pushed on the current connection, so the ACK value is the highest
+    seq both taken and *seen* (pushed) on this connection. An ACK is due once
+    ``batch`` entries were taken since the last one, ``delay`` seconds after it
+    became pending, and when closing; anything else going out may carry it
+    along (:meth:`flush` with ``force``).
+
+    After a reconnect the relay pushes the un-acked entries again; those taken
+    before are swallowed by :class:`InboxCursor` but still make the ACK
+    pending here (through :meth:`seen`), so they get acked on the new
+    connection.
     """
 
     def __init__(self, batch: int = 128, delay: float = 0.1) -> None:
@@ -81,42 +87,52 @@ class AckTracker:
         self.batch = batch
         self.delay = delay
         self.taken_max = 0
+        self.seen_max = 0  # highest seq pushed on the current connection
         self.acked = 0  # highest seq ACKed on the current connection
         self._count = 0  # entries taken since the last ACK
-        self._since: float | None = None  # when the oldest un-acked take happened
-        self._force = False
+        self._since: float | None = None  # when the ACK became pending
+
+    def seen(self, seq: int, now: float) -> bool:
+        """The relay pushed entry ``seq`` on this connection. Returns True when
+        the writer should look again (an ACK just became pending)."""
+        if seq > self.seen_max:
+            self.seen_max = seq
+        return self._touch(now)
 
     def take(self, seq: int, now: float) -> bool:
-        """The application took entry ``seq`` (or a redelivery of it was swallowed).
-
-        Returns True when the writer should look again (an ACK just became
-        pending or due)."""
+        """The application took entry ``seq`` (or a redelivery of it was
+        swallowed). Returns True when the writer should look again (an ACK
+        just became pending, or is due by count)."""
         if seq > self.taken_max:
             self.taken_max = seq
-        if self.taken_max <= self.acked:
+        if self.pending() is None:
             return False
         self._count += 1
-        first = self._since is None
-        if first:
+        return self._touch(now) or self._count >= self.batch
+
+    def _touch(self, now: float) -> bool:
+        if self._since is None and self.pending() is not None:
             self._since = now
-        return first or self._count >= self.batch
+            return True
+        return False
 
     def pending(self) -> int | None:
         """The seq an ACK would carry now, or None when nothing is un-acked."""
-        return self.taken_max if self.taken_max > self.acked else None
+        seq = min(self.taken_max, self.seen_max)
+        return seq if seq > self.acked else None
 
     def due(self, now: float) -> bool:
         if self.pending() is None:
             return False
-        if self._force or self._count >= self.batch:
+        if self._count >= self.batch or self._since is None:
             return True
-        return self._since is None or now >= self._since + self.delay
+        return now >= self._since + self.delay
 
     def deadline(self) -> float | None:
         """When the time-based ACK falls due (None if nothing is pending)."""
         if self.pending() is None:
             return None
-        if self._force or self._since is None:
+        if self._since is None:
             return float("-inf")
         return self._since + self.delay
 
@@ -131,15 +147,14 @@ class AckTracker:
         self.acked = seq
         self._count = 0
         self._since = None
-        self._force = False
         return seq
 
     def new_connection(self) -> None:
-        """A new connection: re-send the ACK for everything taken so far."""
+        """A new connection: nothing is pushed or acked on it yet."""
+        self.seen_max = 0
         self.acked = 0
         self._count = 0
         self._since = None
-        self._force = self.taken_max > 0
 
 
 class InboxCursor:
@@ -317,12 +332,16 @@ class Outbox:
         connection: int,
         now: float,
         *,
+        sender: tuple[str, int] | None = None,
         max_frames: int = 256,
         max_bytes: int = 1024 * 1024,
     ) -> Batch:
         """Pick the SENDs to write on ``connection`` now, in order, and mark them
         as on the wire there. ``lookups`` are users whose device set must be
-        fetched (mark them with :meth:`DeviceDirectory.start_fetch`)."""
+        fetched (mark them with :meth:`DeviceDirectory.start_fetch`).
+
+        ``sender`` is this device ``(user, device)``: a SEND to one's own user
+        names only the other devices."""
         batch = Batch()
         blocked: set[tuple[bool, str]] = set()
         size = 0
@@ -350,6 +369,8 @@ class Outbox:
                     blocked.add(key)
                     continue
                 generation, devices = entry
+                if sender is not None and item.to == sender[0]:
+                    devices = tuple(d for d in devices if d != sender[1])
                 frame = item.encode(devices)
             if len(frame) > self.max_frame_bytes:
                 del self._items[item.msg_id]
