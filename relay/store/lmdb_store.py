@@ -318,7 +318,9 @@ class _WriteTxn:
                 prefix = bytes(key[:-8])
                 pending_drop[prefix] = pending_drop.get(prefix, 0) + 1
                 deleted += 1
-                positioned = cursor.delete()
+                # delete() moves to the next record and returns True even when
+                # there is none: past the end the cursor's key is empty.
+                positioned = cursor.delete() and len(cursor.key()) > 0
                 continue
             positioned = cursor.next()
         else:
@@ -334,7 +336,7 @@ class _WriteTxn:
             positioned = idem.first()
             while positioned:
                 if _U64.unpack(idem.value())[0] < op.cutoff:
-                    positioned = idem.delete()
+                    positioned = idem.delete() and len(idem.key()) > 0
                 else:
                     positioned = idem.next()
         return resume, deleted
