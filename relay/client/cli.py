@@ -1,0 +1,303 @@
+"""The client commands of ``relay``: register, send, recv.
+
+``relay/cli.py`` calls :func:`add_commands` on its subparsers; each command
+sets ``handler`` (``handler(args) -> int``). Output is one JSON object per
+line on stdout; errors are one line on stderr and a non-zero exit code
+(1 for errors, 2 for bad arguments), never a traceback.
+
+Text messages are the msgpack map ``{"type": "text", "body": TEXT, "ts": ms}``
+(the ``relay-v1`` plaintext shape, not encrypted by these commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from .client import open_client
+from .errors import AuthError, ClientError, ConnectionClosed
+from .identity import STATE_FILE, DeviceIdentity
+from .types import Entry, Event, Message, Receipt, Signal
+
+__all__ = ["add_commands", "decode_text", "encode_text", "entry_to_json"]
+
+
+class _CommandError(Exception):
+    """A failure with a one-line message for stderr."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def encode_text(text: str) -> bytes:
+    """The payload of a text message."""
+    payload: bytes = msgpack.packb(
+        {"type": "text", "body": text, "ts": int(time.time() * 1000)}, use_bin_type=True
+    )
+    return payload
+
+
+def decode_text(payload: bytes) -> str | None:
+    """The body of a text-message payload, or None when it is something else."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False)
+    except Exception:  # any undecodable payload is simply "not text"
+        return None
+    if isinstance(obj, dict) and obj.get("type") == "text" and isinstance(obj.get("body"), str):
+        body: str = obj["body"]
+        return body
+    return None
+
+
+def _jsonable(value: Any) -> Any:
+    """msgpack values -> JSON (bytes become base64 strings)."""
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def entry_to_json(entry: Entry) -> dict[str, Any]:
+    """The JSON line ``relay recv`` prints for ``entry``."""
+    if isinstance(entry, Message):
+        out: dict[str, Any] = {
+            "type": "message",
+            "from": entry.from_user,
+            "device": entry.from_device,
+            "msg_id": entry.msg_id.hex(),
+            "ts": entry.ts,
+        }
+        if entry.group is not None:
+            out["group"] = entry.group
+        text = decode_text(entry.payload)
+        if text is not None:
+            out["text"] = text
+        else:
+            out["payload"] = base64.b64encode(entry.payload).decode("ascii")
+        return out
+    if isinstance(entry, Receipt):
+        return {
+            "type": "receipt",
+            "msg_id": entry.msg_id.hex(),
+            "by": entry.by_user,
+            "device": entry.by_device,
+            "status": entry.status_name,
+            "ts": entry.ts,
+        }
+    if isinstance(entry, Event):
+        return {"type": "event", "kind": entry.kind, "body": _jsonable(entry.body), "ts": entry.ts}
+    return {"type": "signal", "from": entry.from_user, "to": entry.to, "kind": entry.kind}
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, ensure_ascii=False), flush=True)
+
+
+def _load(state: str) -> DeviceIdentity:
+    try:
+        return DeviceIdentity.load(state)
+    except FileNotFoundError:
+        raise _CommandError(
+            f"no {STATE_FILE} in {state!r}: run `relay register --state {state} ...` first"
+        ) from None
+    except (ValueError, OSError) as exc:
+        raise _CommandError(f"cannot read the state in {state!r}: {exc}") from None
+
+
+def _describe(exc: ClientError) -> str:
+    if isinstance(exc, AuthError):
+        what = {
+            401: "authentication failed (unknown user or device, or wrong key)",
+            403: "registration refused (token missing or wrong)",
+            409: "user name is already taken",
+            400: "request refused as malformed (check the user name)",
+        }.get(exc.code, "refused")
+        return f"{what}: {exc.reason} ({exc.code})" if exc.reason else f"{what} ({exc.code})"
+    if isinstance(exc, ConnectionClosed) and exc.code == 4409:
+        return "this device connected again elsewhere (4409)"
+    return str(exc)
+
+
+def _run(main: Callable[[], Awaitable[None]], timeout: float | None = None) -> int:
+    """trio.run ``main`` under an overall deadline; map errors to one stderr line."""
+
+    async def guarded() -> None:
+        with trio.fail_after(timeout if timeout else math.inf):
+            await main()
+
+    try:
+        trio.run(guarded)
+    except _CommandError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ClientError as exc:
+        print(f"relay: {_describe(exc)}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        print(f"relay: timed out after {timeout} s", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BaseExceptionGroup as group:  # should not happen: open_client unwraps
+        first = group.exceptions[0] if group.exceptions else group
+        print(f"relay: {type(first).__name__}: {first}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="relay: %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# ------------------------------------------------------------------ register
+
+
+def register_handler(args: argparse.Namespace) -> int:
+    """``relay register``: new key, REGISTER, save the state; prints one JSON line."""
+    _setup_logging(args)
+    state = Path(args.state)
+    if (state / STATE_FILE).exists():
+        print(
+            f"relay: {state / STATE_FILE} already exists; refusing to replace its key",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        identity = DeviceIdentity.generate(args.server, args.user)
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        async with open_client(
+            identity, register=True, token=args.token, connect_timeout=args.timeout
+        ):
+            pass
+        path = identity.save(state)
+        _print_json(
+            {
+                "user": identity.user,
+                "device": identity.device,
+                "server": identity.server_url,
+                "identity_key": identity.identity_key.hex(),
+                "state": str(path),
+            }
+        )
+
+    return _run(main, args.timeout * 2)
+
+
+# ---------------------------------------------------------------------- send
+
+
+def send_handler(args: argparse.Namespace) -> int:
+    """``relay send``: one text message; prints ``{"msg_id", "status": "sent", "ts"}``
+    once the relay stored it (SENT)."""
+    _setup_logging(args)
+
+    async def main() -> None:
+        identity = _load(args.state)
+        async with open_client(identity, connect_timeout=args.timeout) as client:
+            msg_id, ts = await client.send(args.to, encode_text(args.text))
+            _print_json({"msg_id": msg_id.hex(), "status": "sent", "ts": ts})
+
+    return _run(main, args.timeout)
+
+
+# ---------------------------------------------------------------------- recv
+
+
+def recv_handler(args: argparse.Namespace) -> int:
+    """``relay recv``: print entries as JSON lines until ``--count`` entries were
+    printed or ``--timeout`` seconds passed without one (0: wait forever).
+    Signals are printed too but not counted. ``--read`` sends READ for every
+    message printed. Everything printed is acked on exit."""
+    _setup_logging(args)
+    if args.count is not None and args.count < 1:
+        print("relay: --count must be at least 1", file=sys.stderr)
+        return 2
+    idle = math.inf if args.timeout <= 0 else args.timeout
+
+    async def main() -> None:
+        identity = _load(args.state)
+        connect_timeout = min(idle, 10.0)
+        async with open_client(identity, connect_timeout=connect_timeout) as client:
+            entries = client.entries()
+            printed = 0
+            while args.count is None or printed < args.count:
+                entry = None
+                with trio.move_on_after(idle):
+                    try:
+                        entry = await entries.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if entry is None:
+                    break
+                _print_json(entry_to_json(entry))
+                if isinstance(entry, Signal):
+                    continue
+                printed += 1
+                if args.read and isinstance(entry, Message):
+                    await client.mark_read(entry.from_user, [entry.msg_id])
+
+    return _run(main)
+
+
+# ------------------------------------------------------------------ wiring
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``register``, ``send`` and ``recv`` to ``relay``'s subparsers."""
+    p = subparsers.add_parser("register", help="create an account (device 1) and save its key")
+    p.add_argument("--server", required=True, help="relay URL, e.g. ws://127.0.0.1:8765/v1")
+    p.add_argument("--user", required=True, help="user name: 1-64 of [a-z0-9._-]")
+    p.add_argument("--state", required=True, help="directory for state.json (the device key)")
+    p.add_argument("--token", help="registration token, if the relay requires one")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to connect (default 10)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
+    p.set_defaults(handler=register_handler)
+
+    p = subparsers.add_parser("send", help="send a text message and wait for SENT")
+    p.add_argument("--state", required=True, help="directory with state.json")
+    p.add_argument("--to", required=True, help="recipient user")
+    p.add_argument("text", help="message text")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds for the whole send (default 30)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
+    p.set_defaults(handler=send_handler)
+
+    p = subparsers.add_parser("recv", help="print inbox entries as JSON lines")
+    p.add_argument("--state", required=True, help="directory with state.json")
+    p.add_argument("--count", type=int, help="stop after N entries")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=5.0,
+        help="stop after S seconds without an entry (default 5; 0 waits forever)",
+    )
+    p.add_argument("--read", action="store_true", help="send read receipts for printed messages")
+    p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
+    p.set_defaults(handler=recv_handler)
