@@ -33,6 +33,7 @@ class Settings:
     idle_timeout_s: float = 120.0
     handshake_timeout_s: float = 10.0
     window: int = 256
+    max_group_members: int = 1024
     max_unacked_sends: int = 1024
     retention_s: float = 30 * 24 * 3600.0
     sweep_interval_s: float = 3600.0

@@ -13,8 +13,9 @@ with signal handling. Task tree::
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,11 +24,13 @@ import trio
 from relay import fastpath
 from relay.config import Settings
 from relay.errors import CLOSE_GOING_AWAY
-from relay.server.connection import Connection, now_ms
+from relay.server.clock import now_ms
+from relay.server.connection import Connection
+from relay.server.groups import Groups
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
-from relay.server.writer import GroupCommitWriter
-from relay.store.base import ExpireEntries, WriteOp
+from relay.server.writer import Callback, GroupCommitWriter
+from relay.store.base import AppendEntries, ExpireEntries, WriteOp, group_of_body
 from relay.store.lmdb_store import LmdbStore
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class RelayServer:
         ]
         self.router = Router()
         self.requests = RequestHandler(self)
+        self.groups = Groups(self)
         self.connections: set[Connection] = set()
         self.port: int | None = None
         self.shutting_down = False
@@ -62,15 +66,42 @@ class RelayServer:
     def writer_for(self, user: str) -> GroupCommitWriter:
         return self.writers[self.store.shard_of(user)]
 
-    def spawn_submit(self, writer: GroupCommitWriter, op: WriteOp) -> None:
-        """Submit from a callback (which cannot wait for queue space)."""
-        assert self._nursery is not None
-        self._nursery.start_soon(self._submit_quietly, writer, op)
+    def writer_for_group_body(self, body_key: bytes) -> GroupCommitWriter:
+        return self.writer_for(group_of_body(body_key))
 
-    async def _submit_quietly(self, writer: GroupCommitWriter, op: WriteOp) -> None:
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run a job that must outlive the connection that started it."""
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    def spawn_submit(self, writer: GroupCommitWriter, op: WriteOp, on_done: Callback | None = None) -> None:
+        """Submit from a callback (which cannot wait for queue space)."""
+        self.spawn(self._submit_quietly, writer, op, on_done)
+
+    async def _submit_quietly(self, writer: GroupCommitWriter, op: WriteOp, on_done: Callback | None) -> None:
         # Shutting down: the acked entries are then redelivered next time.
         with contextlib.suppress(trio.ClosedResourceError):
-            await writer.submit(op)
+            await writer.submit(op, on_done)
+
+    async def append_to_users(self, users: tuple[str, ...] | list[str], type_: int, count: int, tail: bytes, created: int) -> None:
+        """Append one entry to every device inbox of ``users``; return once all committed."""
+        remaining = len(users)
+        done = trio.Event()
+
+        def committed(user: str, result: object) -> None:
+            nonlocal remaining
+            if isinstance(result, list) and result:
+                self.router.wake(user, [d for d, _ in result])
+            remaining -= 1
+            if remaining == 0:
+                done.set()
+
+        if not users:
+            return
+        for user in users:
+            op = AppendEntries(user, type_, count, tail, created)
+            await self.writer_for(user).submit(op, functools.partial(committed, user))
+        await done.wait()
 
     def statistics(self) -> dict[str, Any]:
         return {

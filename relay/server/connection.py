@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import time
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -54,7 +53,17 @@ from relay.protocol import frames
 from relay.protocol.handshake import ServerHandshake
 from relay.protocol.session import Session
 from relay.protocol.window import DeliveryWindow
-from relay.store.base import AppendEntries, DeleteUpTo, RegisterUser, Stored, StoreMessage
+from relay.server.clock import now_ms
+from relay.store.base import (
+    ENTRY_MSG_REF,
+    AppendEntries,
+    DeleteUpTo,
+    RegisterUser,
+    ReleaseBodies,
+    Stored,
+    StoreMessage,
+    group_of_body,
+)
 
 if TYPE_CHECKING:
     from relay.server.app import RelayServer
@@ -66,10 +75,6 @@ MAX_QUEUED_REPLIES = 4096
 MAX_QUEUED_SIGNALS = 64
 CLOSE_TIMEOUT_S = 2.0
 AUTH_CONTEXT = b"relay-auth-v1"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def encode_close(fp: ModuleType, code: int, reason: str = "") -> bytes:
@@ -143,7 +148,10 @@ class Connection:
             self._replies.append(frame)
             self._wake.set()
 
-    def _queue_error(self, error: FrameError) -> None:
+    def queue_sent(self, msg_id: bytes, ts: int) -> None:
+        self._queue_reply(frames.encode_sent(msg_id, ts))
+
+    def queue_error(self, error: FrameError) -> None:
         if error.req_id is not None:
             reply = frames.encode_res(error.req_id, False, {"code": error.code, "reason": error.reason})
         else:
@@ -239,14 +247,14 @@ class Connection:
             if self._closing:
                 return
             if isinstance(item, FrameError):
-                self._queue_error(item)
+                self.queue_error(item)
                 continue
             try:
                 await self._serve_event(item)
             except FrameError as error:
-                self._queue_error(error)
+                self.queue_error(error)
             except StoreFullError:
-                self._queue_error(FrameError(UNAVAILABLE, "store full", ref=_ref_of(item)))
+                self.queue_error(FrameError(UNAVAILABLE, "store full", ref=_ref_of(item)))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 if self.server.shutting_down:
                     self.begin_close(CLOSE_GOING_AWAY, "shutting down")
@@ -269,7 +277,7 @@ class Connection:
         elif isinstance(event, frames.Signal):
             self._serve_signal(event)
         elif isinstance(event, frames.SendGroup):
-            raise FrameError(NOT_FOUND, f"no such group {event.to}", ref=event.msg_id)
+            await self._serve_send_group(event)
         elif isinstance(event, frames.Auth):
             await self._serve_auth(event)
         elif isinstance(event, frames.Register):
@@ -321,26 +329,23 @@ class Connection:
 
     async def _serve_send(self, event: frames.Send) -> None:
         assert self.user is not None and self.device is not None
-        while self._sends_in_flight >= self.settings.max_unacked_sends:
-            self._sends_changed = trio.Event()
-            await self._sends_changed.wait()
+        await self._wait_send_slot()
         op = StoreMessage(self.user, self.device, event.msg_id, event.to, event.payloads, now_ms())
         to = event.to
 
         def committed(result: object) -> None:
-            self._sends_in_flight -= 1
-            self._sends_changed.set()
+            self._send_finished()
             if isinstance(result, Stored):
-                self._queue_reply(frames.encode_sent(event.msg_id, result.ts))
+                self.queue_sent(event.msg_id, result.ts)
                 if not result.duplicate:
                     self.server.router.wake(to, result.devices)
             elif isinstance(result, FrameError):
-                self._queue_error(result)
+                self.queue_error(result)
             elif isinstance(result, StoreFullError):
-                self._queue_error(FrameError(UNAVAILABLE, "store full", ref=event.msg_id))
+                self.queue_error(FrameError(UNAVAILABLE, "store full", ref=event.msg_id))
             else:
                 log.error("SEND failed: %r", result)
-                self._queue_error(FrameError(INTERNAL, "store error", ref=event.msg_id))
+                self.queue_error(FrameError(INTERNAL, "store error", ref=event.msg_id))
 
         self._sends_in_flight += 1
         try:
@@ -348,6 +353,26 @@ class Connection:
         except BaseException:
             self._sends_in_flight -= 1
             raise
+
+    async def _wait_send_slot(self) -> None:
+        while self._sends_in_flight >= self.settings.max_unacked_sends:
+            self._sends_changed = trio.Event()
+            await self._sends_changed.wait()
+
+    def _send_finished(self) -> None:
+        self._sends_in_flight -= 1
+        self._sends_changed.set()
+
+    async def _serve_send_group(self, event: frames.SendGroup) -> None:
+        await self._wait_send_slot()
+        self._sends_in_flight += 1
+        self.server.spawn(self._send_group_job, event, now_ms())
+
+    async def _send_group_job(self, event: frames.SendGroup, ts: int) -> None:
+        try:
+            await self.server.groups.send(self, event, ts)
+        finally:
+            self._send_finished()
 
     async def _serve_ack(self, seq: int) -> None:
         assert self.user is not None and self.device is not None
@@ -360,17 +385,29 @@ class Connection:
         entries = server.store.read_inbox(user, device, before, self.window.size)
         now = now_ms()
         receipts: list[AppendEntries] = []
+        released: dict[str, dict[bytes, int]] = {}
         for entry in entries:
             if entry.seq > acked:
                 break
+            if entry.body_key is not None:
+                counts = released.setdefault(group_of_body(entry.body_key), {})
+                counts[entry.body_key] = counts.get(entry.body_key, 0) + 1
             if entry.type == frames.MSG:
                 msg_id, from_user = _msg_header(entry.tail)
                 tail = frames.receipt_tail(msg_id, user, device, frames.RECEIPT_DELIVERED, now)
                 skip = device if from_user == user else None
                 receipts.append(AppendEntries(from_user, frames.RECEIPT, frames.RECEIPT_FIELDS, tail, now, skip_device=skip))
         delete = DeleteUpTo(user, device, acked)
+
+        def deleted(result: object) -> None:
+            # References gone: release the group bodies they pointed to.
+            if isinstance(result, int):
+                for group, counts in released.items():
+                    server.spawn_submit(server.writer_for(group), ReleaseBodies(counts))
+
+        on_deleted = deleted if released else None
         if not receipts:
-            await server.writer_for(user).submit(delete)
+            await server.writer_for(user).submit(delete, on_deleted)
             return
         # Receipts are committed before the acked entries are deleted, so a
         # crash in between repeats a receipt rather than losing one.
@@ -383,7 +420,7 @@ class Connection:
             if isinstance(result, list) and result:
                 server.router.wake(receipt.user, [d for d, _ in result])
             if remaining == 0:
-                server.spawn_submit(delete_writer, delete)
+                server.spawn_submit(delete_writer, delete, on_deleted)
 
         for receipt in receipts:
             await server.writer_for(receipt.user).submit(receipt, functools.partial(receipt_done, receipt))
@@ -407,10 +444,16 @@ class Connection:
 
     def _serve_signal(self, event: frames.Signal) -> None:
         assert self.user is not None
-        if frames.is_group(event.to):
-            raise FrameError(FORBIDDEN, "not a member of that group", ref=frames.SIGNAL)
+        router = self.server.router
         frame = frames.encode_signaled(self.user, event.to, event.kind)
-        for conn in self.server.router.devices_online(event.to):
+        if frames.is_group(event.to):
+            info = self.server.store.get_group(event.to)
+            if info is None or self.user not in info.members:
+                raise FrameError(FORBIDDEN, "not a member of that group", ref=frames.SIGNAL)
+            targets = [conn for user in info.members for conn in router.devices_online(user)]
+        else:
+            targets = router.devices_online(event.to)
+        for conn in targets:
             if conn is not self:
                 conn.push_ephemeral(frame)
 
@@ -459,7 +502,10 @@ class Connection:
                         if len(entries) == room:
                             self._inbox_dirty = True
                         for entry in entries:
-                            batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
+                            # A reference whose body expired has nothing to send;
+                            # it counts as pushed so a later ACK covers it.
+                            if entry.type != ENTRY_MSG_REF:
+                                batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
                             window.pushed(entry.seq)
                 if batch:
                     # Several frames per WebSocket message, within the limits

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from relay.protocol.groups import GroupInfo
 
 # Entry types in an inbox are the frame type numbers of PROTOCOL.md.
 ENTRY_MSG = 13
 ENTRY_RECEIPT = 15
 ENTRY_EVENT = 22
+# A group message in a member's inbox: the tail is the key of the body,
+# stored once in the group's shard. Readers get it resolved into an
+# ENTRY_MSG with ``body_key`` set.
+ENTRY_MSG_REF = 0x8D
 
 
 def shard_of(user: str, shards: int) -> int:
@@ -33,6 +39,16 @@ class InboxEntry:
     count: int
     created: int
     tail: bytes
+    body_key: bytes | None = None
+
+
+def body_key(group: str, sender: str, sender_device: int, msg_id: bytes) -> bytes:
+    """Key of a group message body: unique per (group, sender device, msg_id)."""
+    return group.encode() + b"\x00" + sender.encode() + b"\x00" + bytes((sender_device,)) + msg_id
+
+
+def group_of_body(key: bytes) -> str:
+    return key.split(b"\x00", 1)[0].decode()
 
 
 @dataclass(slots=True)
@@ -123,7 +139,103 @@ class ExpireEntries:
     deleted: list[tuple[str, int]] = field(default_factory=list)
 
 
-WriteOp = RegisterUser | StoreMessage | AppendEntries | DeleteUpTo | ExpireEntries
+@dataclass(slots=True)
+class CreateGroup:
+    """Result: the GroupInfo. FrameError(409) if the id exists (retry with another)."""
+
+    info: GroupInfo
+    created: int
+
+
+@dataclass(slots=True)
+class ChangeGroup:
+    """A ``group.*`` op by ``actor``; result ``(GroupInfo, users to notify)``."""
+
+    group: str
+    actor: str
+    op: str
+    args: dict[Any, Any]
+    max_members: int
+
+
+@dataclass(slots=True)
+class PrepareGroupMessage:
+    """Step 1 of SEND_GROUP, in the group's shard: check membership, store the
+    body once (refs 0, incomplete). Result :class:`GroupPrepared`."""
+
+    group: str
+    sender: str
+    sender_device: int
+    msg_id: bytes
+    payload: bytes
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPrepared:
+    body_key: bytes
+    ts: int
+    complete: bool
+    members: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class FanOut:
+    """Step 2, in one member shard: a reference in every device inbox of ``users``
+    (not the sender's own device). Idempotent per (shard, body) through a
+    marker, so a retried SEND_GROUP adds nothing twice. Result
+    :class:`FannedOut`."""
+
+    body_key: bytes
+    sender: str
+    sender_device: int
+    users: list[str]
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class FannedOut:
+    refs: int
+    devices: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+@dataclass(slots=True)
+class CompleteGroupMessage:
+    """Step 3, in the group's shard: add the references made and mark the body
+    complete (a retry is then answered SENT). Deletes the body if every
+    reference was already acked."""
+
+    body_key: bytes
+    refs: int
+
+
+@dataclass(slots=True)
+class DropFanOutMarker:
+    body_key: bytes
+
+
+@dataclass(slots=True)
+class ReleaseBodies:
+    """References acked: ``counts`` body_key -> refs released; a complete body
+    with no reference left is deleted. Result: bodies deleted."""
+
+    counts: dict[bytes, int]
+
+
+WriteOp = (
+    RegisterUser
+    | StoreMessage
+    | AppendEntries
+    | DeleteUpTo
+    | ExpireEntries
+    | CreateGroup
+    | ChangeGroup
+    | PrepareGroupMessage
+    | FanOut
+    | CompleteGroupMessage
+    | DropFanOutMarker
+    | ReleaseBodies
+)
 
 
 class Store(Protocol):
@@ -138,6 +250,8 @@ class Store(Protocol):
     def read_inbox(self, user: str, device: int, after: int, limit: int) -> list[InboxEntry]: ...
 
     def pending(self, user: str, device: int) -> int: ...
+
+    def get_group(self, group: str) -> GroupInfo | None: ...
 
     def apply_batch(self, shard: int, ops: list[WriteOp]) -> list[object]: ...
 

@@ -6,6 +6,13 @@ Layout of one shard (named databases):
 ``inbox``  user NUL device(1) seq(8, big-endian) -> type(1) count(1) created(8) tail
 ``meta``   user NUL device(1) -> next_seq(8) pending(8)
 ``idem``   to_user NUL sender NUL sender_device(1) msg_id(16) -> ts(8)
+``groups`` group -> msgpack ``[name, version, members, admins, created]``
+``bodies`` body_key -> refs(8, signed) created(8) complete(1) tail   (group's shard)
+``fanout`` body_key -> refs(8) created(8)   (member shards: this shard's fan-out is done)
+
+A group message is stored once, as a body in the group's shard; member
+inboxes hold ENTRY_MSG_REF entries whose tail is the body key (see
+``relay.store.base.body_key``). :meth:`LmdbStore.read_inbox` resolves them.
 
 User names never contain NUL, so ``user NUL`` is a safe key prefix and the
 inbox of one device is one contiguous, seq-ordered key range. ``pending`` is
@@ -28,25 +35,48 @@ from typing import Any
 import lmdb
 import msgpack
 
-from relay.errors import CONFLICT, NOT_FOUND, ConfigError, FrameError, StoreError, StoreFullError
+from relay.errors import (
+    CONFLICT,
+    FORBIDDEN,
+    NOT_FOUND,
+    ConfigError,
+    FrameError,
+    StoreError,
+    StoreFullError,
+)
 from relay.protocol.frames import MSG_FIELDS, msg_tail
+from relay.protocol.groups import GroupInfo, apply_change
 from relay.store.base import (
     ENTRY_MSG,
+    ENTRY_MSG_REF,
     AppendEntries,
+    ChangeGroup,
+    CompleteGroupMessage,
+    CreateGroup,
     DeleteUpTo,
+    DropFanOutMarker,
     ExpireEntries,
+    FannedOut,
+    FanOut,
+    GroupPrepared,
     InboxEntry,
+    PrepareGroupMessage,
     RegisterUser,
+    ReleaseBodies,
     Stored,
     StoreMessage,
     UserRecord,
     WriteOp,
+    body_key,
+    group_of_body,
     shard_of,
 )
 
 _U64 = struct.Struct(">Q")
 _META = struct.Struct(">QQ")
 _ENTRY_HEAD = struct.Struct(">BBQ")
+_BODY_HEAD = struct.Struct(">qQB")
+_FANOUT = struct.Struct(">QQ")
 LAYOUT_VERSION = 1
 
 
@@ -67,6 +97,15 @@ def _decode_user(user: str, raw: bytes | memoryview) -> UserRecord:
     return UserRecord(user, dict(rec["devices"]), rec["created"])
 
 
+def _decode_group(group: str, raw: bytes | memoryview) -> GroupInfo:
+    name, version, members, admins, _created = msgpack.unpackb(raw, raw=False)
+    return GroupInfo(group, name, version, tuple(members), tuple(admins))
+
+
+def _encode_group(info: GroupInfo, created: int) -> bytes:
+    return msgpack.packb([info.name, info.version, list(info.members), list(info.admins), created], use_bin_type=True)
+
+
 class _Shard:
     def __init__(self, path: Path, map_size: int, sync: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -84,6 +123,9 @@ class _Shard:
         self.inbox = self.env.open_db(b"inbox")
         self.meta = self.env.open_db(b"meta")
         self.idem = self.env.open_db(b"idem")
+        self.groups = self.env.open_db(b"groups")
+        self.bodies = self.env.open_db(b"bodies")
+        self.fanout = self.env.open_db(b"fanout")
 
 
 class LmdbStore:
@@ -143,6 +185,7 @@ class LmdbStore:
         plen = len(prefix)
         out: list[InboxEntry] = []
         unpack_head = _ENTRY_HEAD.unpack_from
+        refs = False
         with shard.env.begin(db=shard.inbox) as txn:
             cursor = txn.cursor()
             if not cursor.set_range(prefix + _U64.pack(after + 1)):
@@ -151,10 +194,48 @@ class LmdbStore:
                 if key[:plen] != prefix:
                     break
                 type_, count, created = unpack_head(value)
+                refs = refs or type_ == ENTRY_MSG_REF
                 out.append(InboxEntry(_U64.unpack_from(key, plen)[0], type_, count, created, value[10:]))
                 if len(out) >= limit:
                     break
+        return self._resolve(out) if refs else out
+
+    def _resolve(self, entries: list[InboxEntry]) -> list[InboxEntry]:
+        """Replace group references by the MSG they point to (body_key set).
+
+        A reference whose body is gone (expired) stays ENTRY_MSG_REF with an
+        empty tail: the pump skips it, a later cumulative ACK deletes it.
+        """
+        out: list[InboxEntry] = []
+        for entry in entries:
+            if entry.type != ENTRY_MSG_REF:
+                out.append(entry)
+                continue
+            key = entry.tail
+            shard = self._shards[shard_of(group_of_body(key), self.shards)]
+            with shard.env.begin(db=shard.bodies) as txn:
+                raw = txn.get(key)
+            if raw is None:
+                out.append(InboxEntry(entry.seq, ENTRY_MSG_REF, 0, entry.created, b"", key))
+            else:
+                out.append(InboxEntry(entry.seq, ENTRY_MSG, MSG_FIELDS, entry.created, raw[_BODY_HEAD.size :], key))
         return out
+
+    def get_group(self, group: str) -> GroupInfo | None:
+        shard = self._shard(group)
+        with shard.env.begin(db=shard.groups) as txn:
+            raw = txn.get(group.encode())
+        return None if raw is None else _decode_group(group, raw)
+
+    def body_refs(self, key: bytes) -> tuple[int, bool] | None:
+        """(references, complete) of a group message body, or None; for tests and operators."""
+        shard = self._shard(group_of_body(key))
+        with shard.env.begin(db=shard.bodies) as txn:
+            raw = txn.get(key)
+        if raw is None:
+            return None
+        refs, _created, complete = _BODY_HEAD.unpack_from(raw)
+        return refs, bool(complete)
 
     def pending(self, user: str, device: int) -> int:
         shard = self._shard(user)
@@ -169,7 +250,15 @@ class LmdbStore:
             with shard.env.begin() as txn:
                 out[f"shard-{i:03d}"] = {
                     name: txn.stat(db)["entries"]
-                    for name, db in (("users", shard.users), ("inbox", shard.inbox), ("meta", shard.meta), ("idem", shard.idem))
+                    for name, db in (
+                        ("users", shard.users),
+                        ("inbox", shard.inbox),
+                        ("meta", shard.meta),
+                        ("idem", shard.idem),
+                        ("groups", shard.groups),
+                        ("bodies", shard.bodies),
+                        ("fanout", shard.fanout),
+                    )
                 }
         return out
 
@@ -221,6 +310,20 @@ class _WriteTxn:
             return self.append_entries(op)
         if isinstance(op, RegisterUser):
             return self.register(op)
+        if isinstance(op, FanOut):
+            return self.fan_out(op)
+        if isinstance(op, ReleaseBodies):
+            return self.release_bodies(op)
+        if isinstance(op, PrepareGroupMessage):
+            return self.prepare_group_message(op)
+        if isinstance(op, CompleteGroupMessage):
+            return self.complete_group_message(op)
+        if isinstance(op, DropFanOutMarker):
+            return self.txn.delete(op.body_key, db=self.shard.fanout)
+        if isinstance(op, ChangeGroup):
+            return self.change_group(op)
+        if isinstance(op, CreateGroup):
+            return self.create_group(op)
         if isinstance(op, ExpireEntries):
             return self.expire(op)
         raise TypeError(f"unknown write op {op!r}")
@@ -299,6 +402,99 @@ class _WriteTxn:
                 txn.put(prefix, _META.pack(next_seq, max(0, pending - deleted)), db=self.shard.meta)
         return deleted
 
+    # --- groups -------------------------------------------------------------
+
+    def _group(self, group: str) -> tuple[GroupInfo, int] | None:
+        raw = self.txn.get(group.encode(), db=self.shard.groups)
+        if raw is None:
+            return None
+        created = msgpack.unpackb(raw, raw=False)[4]
+        return _decode_group(group, raw), created
+
+    def create_group(self, op: CreateGroup) -> GroupInfo:
+        key = op.info.group.encode()
+        if self.txn.get(key, db=self.shard.groups) is not None:
+            raise FrameError(CONFLICT, "group id taken")
+        self.txn.put(key, _encode_group(op.info, op.created), db=self.shard.groups)
+        return op.info
+
+    def change_group(self, op: ChangeGroup) -> tuple[GroupInfo, tuple[str, ...]]:
+        found = self._group(op.group)
+        if found is None:
+            raise FrameError(NOT_FOUND, f"no such group {op.group}")
+        info, created = found
+        changed, notify = apply_change(info, op.actor, op.op, op.args, op.max_members)
+        if changed is not info:
+            key = op.group.encode()
+            if changed.members:
+                self.txn.put(key, _encode_group(changed, created), db=self.shard.groups)
+            else:
+                self.txn.delete(key, db=self.shard.groups)
+        return changed, notify
+
+    def prepare_group_message(self, op: PrepareGroupMessage) -> GroupPrepared:
+        key = body_key(op.group, op.sender, op.sender_device, op.msg_id)
+        found = self._group(op.group)
+        raw = self.txn.get(key, db=self.shard.bodies)
+        if raw is not None:
+            _refs, created, complete = _BODY_HEAD.unpack_from(raw)
+            members = () if complete or found is None else found[0].members
+            return GroupPrepared(key, created, bool(complete), members)
+        if found is None:
+            raise FrameError(NOT_FOUND, f"no such group {op.group}", ref=op.msg_id)
+        info = found[0]
+        if op.sender not in info.members:
+            raise FrameError(FORBIDDEN, "not a member of that group", ref=op.msg_id)
+        tail = msg_tail(op.msg_id, op.sender, op.sender_device, op.group, op.ts, op.payload)
+        self.txn.put(key, _BODY_HEAD.pack(0, op.ts, 0) + tail, db=self.shard.bodies)
+        return GroupPrepared(key, op.ts, False, info.members)
+
+    def fan_out(self, op: FanOut) -> FannedOut:
+        marker = self.txn.get(op.body_key, db=self.shard.fanout)
+        if marker is not None:
+            return FannedOut(_FANOUT.unpack(marker)[0], ())
+        refs = 0
+        woken: list[tuple[str, tuple[int, ...]]] = []
+        for user in op.users:
+            devices = self._devices(user)
+            if not devices:
+                continue
+            targets = tuple(d for d in devices if not (user == op.sender and d == op.sender_device))
+            for device in targets:
+                self._append(user, device, ENTRY_MSG_REF, 0, op.created, op.body_key)
+            refs += len(targets)
+            woken.append((user, targets))
+        self.txn.put(op.body_key, _FANOUT.pack(refs, op.created), db=self.shard.fanout)
+        return FannedOut(refs, tuple(woken))
+
+    def complete_group_message(self, op: CompleteGroupMessage) -> bool:
+        raw = self.txn.get(op.body_key, db=self.shard.bodies)
+        if raw is None:
+            return False
+        refs, created, _complete = _BODY_HEAD.unpack_from(raw)
+        refs += op.refs
+        if refs <= 0:
+            self.txn.delete(op.body_key, db=self.shard.bodies)
+        else:
+            self.txn.put(op.body_key, _BODY_HEAD.pack(refs, created, 1) + raw[_BODY_HEAD.size :], db=self.shard.bodies)
+        return True
+
+    def release_bodies(self, op: ReleaseBodies) -> int:
+        deleted = 0
+        for key, count in op.counts.items():
+            raw = self.txn.get(key, db=self.shard.bodies)
+            if raw is None:
+                continue
+            refs, created, complete = _BODY_HEAD.unpack_from(raw)
+            refs -= count
+            if complete and refs <= 0:
+                self.txn.delete(key, db=self.shard.bodies)
+                deleted += 1
+            else:
+                # Incomplete: the fan-out's CompleteGroupMessage adds its refs later.
+                self.txn.put(key, _BODY_HEAD.pack(refs, created, complete) + raw[_BODY_HEAD.size :], db=self.shard.bodies)
+        return deleted
+
     def expire(self, op: ExpireEntries) -> tuple[bytes | None, int]:
         """Sweep up to ``op.limit`` inbox keys, then the idempotency records."""
         txn = self.txn
@@ -339,4 +535,13 @@ class _WriteTxn:
                     positioned = idem.delete() and len(idem.key()) > 0
                 else:
                     positioned = idem.next()
+            # Group bodies and fan-out markers go with the references to them.
+            for db, head in ((self.shard.bodies, _BODY_HEAD), (self.shard.fanout, _FANOUT)):
+                cur = txn.cursor(db=db)
+                positioned = cur.first()
+                while positioned:
+                    if head.unpack_from(cur.value())[1] < op.cutoff:
+                        positioned = cur.delete()
+                    else:
+                        positioned = cur.next()
         return resume, deleted
