@@ -541,7 +541,7 @@ class _WriteTxn:
                 positioned = cur.first()
                 while positioned:
                     if head.unpack_from(cur.value())[1] < op.cutoff:
-                        positioned = cur.delete()
+                        positioned = cur.delete() and len(cur.key()) > 0
                     else:
                         positioned = cur.next()
         return resume, deleted
