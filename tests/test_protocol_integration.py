@@ -855,3 +855,57 @@ async def test_shutdown_closes_connections_with_1001(relay):
             server.shutdown()
             assert await a.closed() == 1001
             assert await anonymous.closed() == 1001
+
+
+# ------------------------------------------------------- groups: frame shapes
+
+
+async def test_event_and_group_msg_frames(relay):
+    alice, bob = await users(relay.url, "alice", "bob")
+    async with alice.online(relay.url) as a, bob.online(relay.url) as b:
+        res = await a.request(1, "group.create", {"name": "team", "members": ["bob"]})
+        assert res[2] is True, res
+        group = res[3]["group"]
+        for client in (a, b):
+            event = await client.recv_type(EVENT)
+            assert len(event) == 5 and type(event[1]) is int and event[2] == "group.changed", event
+            assert (
+                event[3]["group"] == group
+                and event[3]["actor"] == "alice"
+                and type(event[4]) is int
+            )
+            await client.send([ACK, event[1]])
+        msg_id = os.urandom(16)
+        await a.send([SEND_GROUP, msg_id, group, b"sender keys ciphertext"])
+        sent = await a.recv_type(SENT)
+        assert sent[1] == msg_id
+        msg = await b.recv_type(MSG)
+        assert msg[2:] == [msg_id, "alice", 1, group, sent[2], b"sender keys ciphertext"], msg
+
+
+async def test_retention_expiry_of_group_messages(relay, caplog):
+    async with custom_relay(relay.settings, retention_s=0.2) as server:
+        alice, bob = await users(server.url, "alice", "bob")
+        async with alice.online(server.url) as a:
+            res = await a.request(1, "group.create", {"name": "team", "members": ["bob"]})
+            group = res[3]["group"]
+            await a.send([SEND_GROUP, os.urandom(16), group, b"old"])
+            await a.recv_type(SENT)
+        # bob: the group.changed EVENT and the group MSG.
+        assert server.store.pending("bob", 1) == 2
+        await trio.sleep(0.3)
+        caplog.clear()
+        assert await server.sweep_expired() >= 2
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+        assert server.store.pending("bob", 1) == 0
+        assert server.store.pending("alice", 1) == 0
+        for shard in server.store.stats().values():
+            assert shard["inbox"] == 0 and shard.get("bodies", 0) == 0, shard
+        async with alice.online(server.url) as a:
+            fresh = os.urandom(16)
+            await a.send([SEND_GROUP, fresh, group, b"fresh"])
+            await a.recv_type(SENT)
+        async with bob.online(server.url) as b:
+            assert b.ready[3] == 1
+            msg = await b.recv()
+            assert msg[0] == MSG and msg[2] == fresh and msg[5] == group and msg[7] == b"fresh"
