@@ -141,7 +141,18 @@ async def spawn_relay(
     data_dir = Path(data_dir)
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     log_path = data_dir.parent / f"{data_dir.name}.relay-{next(_spawn_counter)}.log"
-    args = [sys.executable, "-m", "relay", "serve", "--host", "127.0.0.1", "--port", "0", "--data", str(data_dir)]
+    args = [
+        sys.executable,
+        "-m",
+        "relay",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data",
+        str(data_dir),
+    ]
     if fastpath is not None:
         args += ["--fastpath", fastpath]
     args += list(extra_args)
@@ -150,7 +161,12 @@ async def spawn_relay(
     env["PYTHONUNBUFFERED"] = "1"
     with open(log_path, "wb") as log_file:
         process = await trio.lowlevel.open_process(
-            args, stdout=subprocess.PIPE, stderr=log_file, stdin=subprocess.DEVNULL, cwd=str(REPO_ROOT), env=env
+            args,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            cwd=str(REPO_ROOT),
+            env=env,
         )
     try:
         lines: list[str] = []
@@ -165,7 +181,9 @@ async def spawn_relay(
                 log = log_path.read_text(errors="replace")[-4000:]
             except OSError:
                 log = ""
-            raise RelayStartError(f"{exc} (exit code {process.returncode}); stderr:\n{log}") from None
+            raise RelayStartError(
+                f"{exc} (exit code {process.returncode}); stderr:\n{log}"
+            ) from None
         relay = RelayProcess(process, url, log_path)
         relay.stdout_lines = lines
         async with trio.open_nursery() as nursery:
