@@ -52,13 +52,20 @@ class WireClient:
                 self.buffer.extend(unpack_all(message))
         return self.buffer.pop(0)
 
-    async def recv_type(self, ftype: int, timeout: float = TIMEOUT) -> list[Any]:
-        """Skip frames until one of ``ftype`` arrives (skipped ones are dropped)."""
-        with trio.fail_after(timeout):
-            while True:
-                frame = await self.recv(timeout)
-                if frame[0] == ftype:
-                    return frame
+    async def recv_type(self, ftype: int, timeout: float = TIMEOUT, keep: bool = False) -> list[Any]:
+        """Skip frames until one of ``ftype`` arrives. Skipped frames are dropped,
+        or with ``keep`` left in order for later ``recv`` calls."""
+        kept: list[Any] = []
+        try:
+            with trio.fail_after(timeout):
+                while True:
+                    frame = await self.recv(timeout)
+                    if frame[0] == ftype:
+                        return frame
+                    if keep:
+                        kept.append(frame)
+        finally:
+            self.buffer[:0] = kept
 
     async def expect_nothing(self, seconds: float = 0.3) -> None:
         with trio.move_on_after(seconds):
@@ -102,7 +109,7 @@ class WireClient:
 
     async def request(self, req_id: int, op: str, args: dict[str, Any]) -> list[Any]:
         await self.send([20, req_id, op, args])
-        return await self.recv_type(21)
+        return await self.recv_type(21, keep=True)
 
 
 @asynccontextmanager
