@@ -43,13 +43,14 @@ class ServerHandshake:
         self.server_header = server_header.encode()
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_BYTES)
 
-    def _reject(self, status: int, reason: str) -> HandshakeOutcome:
+    def _reject(self, status: int, reason: str, extra: list[tuple[bytes, bytes]] | None = None) -> HandshakeOutcome:
         body = reason.encode() + b"\n"
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
             (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
             (b"server", self.server_header),
+            *(extra or []),
         ]
         try:
             data = self._conn.send(h11.Response(status_code=status, headers=headers, reason=reason.encode("ascii", "replace")[:60])) or b""
@@ -88,7 +89,8 @@ class ServerHandshake:
         ):
             return self._reject(426, "upgrade to websocket required")
         if headers.get(b"sec-websocket-version", b"").strip() != b"13":
-            return self._reject(426, "unsupported websocket version (need 13)")
+            # RFC 6455 4.4: name the version(s) the server speaks.
+            return self._reject(426, "unsupported websocket version (need 13)", [(b"sec-websocket-version", b"13")])
         key = headers.get(b"sec-websocket-key", b"").strip()
         try:
             if len(base64.b64decode(key, validate=True)) != 16:
