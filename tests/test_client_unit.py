@@ -38,6 +38,7 @@ from relay.client.bookkeeping import (
     InboxCursor,
     Outbox,
     OutgoingSend,
+    ReadQueue,
 )
 from relay.client.cli import decode_text, encode_text, entry_to_json
 from relay.client.client import MAX_FRAMES_PER_MESSAGE, decode_frames, pack_messages
@@ -185,6 +186,20 @@ def test_inbox_cursor_swallows_redeliveries():
     # Another device's message with the same id is another message.
     inbox.acks.seen(4, 0.0)
     assert inbox.take(4, ("a", 2, b"m1"), 0.0)[0]
+
+
+def test_read_queue_resends_recent_reads_after_a_drop():
+    reads = ReadQueue(capacity=2, resend_window=10.0)
+    reads.push(b"r1")
+    reads.push(b"r2")
+    assert reads.full()
+    assert reads.take(0.0, limit=1) == [b"r1"]
+    assert reads.take(5.0, limit=10) == [b"r2"]
+    reads.push(b"r3")
+    # r1 was written long enough ago to have been handled; r2 maybe not.
+    assert reads.connection_lost(12.0) == 1
+    assert reads.take(12.0, limit=10) == [b"r2", b"r3"]
+    assert reads.connection_lost(30.0) == 0
 
 
 # ------------------------------------------------------------------ outbox

@@ -4,6 +4,7 @@
 - :class:`AckTracker` decides when to send a cumulative ACK (batching).
 - :class:`InboxCursor` combines both: which taken entries to hand to the
   application and which to swallow as redeliveries.
+- :class:`ReadQueue` holds READ frames, re-sending recent ones after a drop.
 - :class:`DeviceDirectory` caches ``devices.list`` per user, with a generation
   number so that a 409 can tell a stale cache from a fresh one.
 - :class:`Outbox` holds every SEND not yet answered by SENT, in submit order,
@@ -16,7 +17,7 @@ client); connections are numbered by the caller from 1.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ __all__ = [
     "InboxCursor",
     "Outbox",
     "OutgoingSend",
+    "ReadQueue",
 ]
 
 FRAME_SEND = 10
@@ -185,6 +187,59 @@ class InboxCursor:
             self.duplicates += 1
         wake = self.acks.take(seq, now)
         return fresh, wake
+
+
+class ReadQueue:
+    """READ frames waiting to be written, and the ones written lately.
+
+    The relay does not confirm a READ, and one written just before the
+    connection dropped (or the relay crashed) may be lost. So the frames
+    written in the last ``resend_window`` seconds are written again on the
+    next connection: a repeated READ only repeats read receipts, which
+    clients tolerate anyway.
+    """
+
+    def __init__(
+        self, *, capacity: int = 256, resend_window: float = 10.0, max_written: int = 1024
+    ) -> None:
+        self.capacity = capacity
+        self.resend_window = resend_window
+        self.max_written = max_written
+        self._queued: deque[bytes] = deque()
+        self._written: deque[tuple[float, bytes]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+    def full(self) -> bool:
+        return len(self._queued) >= self.capacity
+
+    def push(self, frame: bytes) -> None:
+        self._queued.append(frame)
+
+    def take(self, now: float, limit: int) -> list[bytes]:
+        """Up to ``limit`` frames to write now (remembered as written at ``now``)."""
+        out: list[bytes] = []
+        while self._queued and len(out) < limit:
+            frame = self._queued.popleft()
+            out.append(frame)
+            self._written.append((now, frame))
+        self._trim(now)
+        return out
+
+    def _trim(self, now: float) -> None:
+        while self._written and (
+            len(self._written) > self.max_written or self._written[0][0] < now - self.resend_window
+        ):
+            self._written.popleft()
+
+    def connection_lost(self, now: float) -> int:
+        """Queue the recently written frames again, first; returns how many."""
+        self._trim(now)
+        again = [frame for _, frame in self._written]
+        self._written.clear()
+        self._queued.extendleft(reversed(again))
+        return len(again)
 
 
 class DeviceDirectory:

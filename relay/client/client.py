@@ -38,7 +38,7 @@ import msgpack
 import trio
 import trio_websocket
 
-from .bookkeeping import DeviceDirectory, InboxCursor, Outbox, OutgoingSend
+from .bookkeeping import DeviceDirectory, InboxCursor, Outbox, OutgoingSend, ReadQueue
 from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
 from .identity import DeviceIdentity, valid_user
 from .types import Entry, Event, Message, Receipt, Signal
@@ -281,7 +281,8 @@ class RelayClient:
         self._entry_send, self._entry_recv = trio.open_memory_channel[tuple[int, int, Entry]](
             window + 64
         )
-        self._read_send, self._read_recv = trio.open_memory_channel[bytes](256)
+        self._reads = ReadQueue(capacity=256)
+        self._read_space = _Broadcast()
         self._signals: deque[bytes] = deque(maxlen=64)
 
     # ------------------------------------------------------------ properties
@@ -445,21 +446,24 @@ class RelayClient:
         """Send READ: this user has seen these messages from ``sender`` (the
         relay sends read receipts to the sender's devices).
 
-        Queued behind the ACK of anything taken so far; kept across a
-        reconnect. Blocks only when 256 READ frames are already queued."""
+        Written after the ACK of anything taken so far; waits for a
+        connection if there is none. READs written within 10 s before a
+        connection drops are written again on the next one (the relay does
+        not confirm them; a repeat only repeats the read receipt). Blocks only
+        while 256 READ frames are already queued."""
         if not valid_user(sender):
             raise ValueError(f"invalid user name {sender!r}")
         ids = [bytes(m) for m in msg_ids]
         if any(len(m) != 16 for m in ids):
             raise ValueError("msg_ids must be 16 bytes each")
-        self._check_open()
-        try:
-            for i in range(0, len(ids), READ_IDS_PER_FRAME):
-                await self._read_send.send(_pack([READ, sender, ids[i : i + READ_IDS_PER_FRAME]]))
-                self._wakeup.set()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise ConnectionClosed(0, "client closed") from None
         await trio.lowlevel.checkpoint()
+        for i in range(0, len(ids), READ_IDS_PER_FRAME):
+            self._check_open()
+            while self._reads.full():
+                await self._read_space.wait()
+                self._check_open()
+            self._reads.push(_pack([READ, sender, ids[i : i + READ_IDS_PER_FRAME]]))
+            self._wakeup.set()
 
     async def signal(self, to: str, kind: str) -> None:
         """Send an ephemeral SIGNAL (e.g. ``"typing"``) to a user or group.
@@ -570,7 +574,7 @@ class RelayClient:
         def fail(exc: ClientError) -> None:
             if not started:
                 raise exc
-            log.error("relay client stopped: %s", exc)
+            log.warning("relay client stopped: %s", exc)
             self._die(exc)
 
         try:
@@ -731,6 +735,8 @@ class RelayClient:
                 )
                 req.done.set()
         self._signals.clear()
+        if not self._closing:
+            self._reads.connection_lost(trio.current_time())
         # Entries not taken yet are not acked: the relay redelivers them.
         while True:
             try:
@@ -754,8 +760,8 @@ class RelayClient:
             req.done.set()
         self._requests.clear()
         self._entry_send.close()
-        self._read_send.close()
         self._slot_freed.fire()
+        self._read_space.fire()
 
     async def _aclose(self) -> None:
         """Graceful close: flush ACK and READs, close the WebSocket (1000)."""
@@ -897,12 +903,9 @@ class RelayClient:
         READ must follow the ACK of the message it reads), then READs,
         requests, signals and SENDs in order."""
         now = trio.current_time()
-        frames: list[bytes] = []
-        while len(frames) < MAX_FRAMES_PER_MESSAGE:
-            try:
-                frames.append(self._read_recv.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
+        frames = self._reads.take(now, MAX_FRAMES_PER_MESSAGE)
+        if frames:
+            self._read_space.fire()
         for req in self._requests.values():
             if req.connection != connection:
                 req.connection = connection
@@ -977,11 +980,17 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
 
     walk(group)
     real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    if len(real) == 1:
-        raise real[0]
-    if not real and leaves:
-        raise leaves[0]
-    raise group
+    chosen = real[0] if len(real) == 1 else leaves[0] if not real and leaves else None
+    if chosen is None:
+        raise group
+    # Re-raise without chaining the group as its __context__ (the group only
+    # wraps it); keep whatever context it had.
+    context = chosen.__context__
+    try:
+        raise chosen
+    finally:
+        chosen.__context__ = context
+        del chosen, context
 
 
 @asynccontextmanager
