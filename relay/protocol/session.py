@@ -69,9 +69,13 @@ class Session:
         )
         unpacker.feed(payload)
         objs: list[object] = []
+        # tell() counts the header of an object still incomplete too, so the
+        # end of the last *complete* object is what shows a truncated frame.
+        end = 0
         try:
             for obj in unpacker:
                 objs.append(obj)
+                end = unpacker.tell()
                 if len(objs) > self.max_frames_per_message:
                     return [], FrameError(
                         TOO_LARGE, f"more than {self.max_frames_per_message} frames in one message"
@@ -80,7 +84,7 @@ class Session:
             return objs, FrameError(BAD_REQUEST, f"undecodable msgpack: {type(exc).__name__}", malformed=True)
         except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
             return objs, FrameError(BAD_REQUEST, f"undecodable msgpack: {type(exc).__name__}", malformed=True)
-        if unpacker.tell() != len(payload):
+        if end != len(payload):
             return objs, FrameError(BAD_REQUEST, "truncated msgpack frame", malformed=True)
         return objs, None
 
