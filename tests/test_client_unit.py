@@ -302,6 +302,12 @@ def test_outbox_excludes_own_device_and_fails_oversized():
     assert _decode(batch.frames[0][1])[3] == {1: b"note", 3: b"note"}
     assert [(i.msg_id, code) for i, code, _ in batch.failed] == [(_mid(1), 413)]
     assert _ids(batch) == [_mid(0), _mid(2)]
+    # A note to self from one's only device has nobody to go to.
+    outbox.on_sent(_mid(0))
+    directory.set("alice", [2])
+    outbox.add(OutgoingSend(_mid(3), "alice", b"note"))
+    batch = outbox.next_batch(directory, 1, 0.0, sender=("alice", 2))
+    assert [(i.msg_id, code) for i, code, _ in batch.failed] == [(_mid(3), 404)]
 
 
 def test_outbox_batch_limits():

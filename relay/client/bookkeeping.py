@@ -426,6 +426,11 @@ class Outbox:
                 generation, devices = entry
                 if sender is not None and item.to == sender[0]:
                     devices = tuple(d for d in devices if d != sender[1])
+                if not devices:
+                    # Only possible for a note to self from a user's only device.
+                    del self._items[item.msg_id]
+                    batch.failed.append((item, 404, f"{item.to} has no other device to send to"))
+                    continue
                 frame = item.encode(devices)
             if len(frame) > self.max_frame_bytes:
                 del self._items[item.msg_id]
