@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import struct
@@ -143,8 +144,12 @@ class RawClient:
             if opcode == OP_CLOSE:
                 break
         code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+        # Complete the close handshake if the relay started it (it may have
+        # closed already after echoing ours: then this write may fail).
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.stream.send_all(client_frame(OP_CLOSE, payload[:2]))
         # RFC 6455 7.1.1: after the close handshake the server closes TCP first.
-        with trio.fail_after(TIMEOUT):
+        with trio.fail_after(2):
             try:
                 while await self.stream.receive_some(65536):
                     pass
