@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from bench import scenarios
-from bench.system import machine_info, pick_cores, pin_self
+from bench.system import machine_info, pick_cores, pin_self, set_niceness
 from bench.targets import TARGETS, Running, TargetError, external, spawn, stop
 
 
@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--relay-pid", type=int, help="with --url: PID of that relay, to measure its CPU share")
         p.add_argument("--sync", default="durable", choices=("durable", "none"), help="relay --sync (default durable)")
         p.add_argument("--no-pin", action="store_true", help="do not pin the relay and the load generator to cores")
+        p.add_argument(
+            "--nice",
+            type=int,
+            default=-10,
+            help="niceness of the load generator and the spawned relays (default -10, needs root; "
+            "the machine may be shared); --nice 0 to leave it",
+        )
         p.add_argument("--start-timeout", type=float, default=60.0, help="seconds for a relay to print 'listening'")
         p.add_argument("--repeat", type=int, default=1, help="runs per target, interleaved; the median run is reported")
         p.add_argument("--json-only", action="store_true", help="print only the JSON document")
@@ -46,7 +53,9 @@ def ratios(results: list[dict[str, Any]], key: str) -> dict[str, float]:
     """headline(a) / headline(b) for every ordered pair of successful targets,
     the faster-path one first (fast/pure, fast/naive, pure/naive)."""
     order = {name: i for i, name in enumerate(TARGETS)}
-    ok = [(r["target"], r.get(key)) for r in results if r.get("ok") and r.get(key)]
+    ok: list[tuple[str, float]] = [
+        (r["target"], float(r[key])) for r in results if r.get("ok") and r.get(key)
+    ]
     ok.sort(key=lambda item: order.get(item[0], len(order)))
     out = {}
     for i, (a, va) in enumerate(ok):
@@ -150,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     module = scenarios.load(args.scenario)
     relay_core, gen_core = (None, None) if args.no_pin else pick_cores()
     pin_self(gen_core)
+    nice_note = set_niceness(args.nice if args.nice != 0 else None)
     doc: dict[str, Any] = {
         "scenario": args.scenario,
         "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
         "machine": machine_info(),
-        "pinning": {"relay_core": relay_core, "loadgen_core": gen_core},
+        "pinning": {"relay_core": relay_core, "loadgen_core": gen_core, "nice": args.nice, "nice_note": nice_note},
         "results": [],
     }
     log = (lambda *a: None) if args.json_only else (lambda *a: print(*a, file=sys.stderr, flush=True))

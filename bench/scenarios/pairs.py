@@ -57,7 +57,9 @@ def disturbance(cpu: dict[str, Any], limit: float = 0.1) -> list[str]:
     """A warning when other processes used noticeable CPU during the measured interval."""
     others = cpu.get("others_cpu_share")
     if others is not None and others > limit:
-        return [f"other processes used {others * 100:.0f}% of a core while measuring: figures disturbed"]
+        names = ", ".join(f"{p['cmd'][:50]} ({p['cpu_share'] * 100:.0f}%)" for p in cpu.get("top_other_processes", [])[:3])
+        return [f"other processes used {others * 100:.0f}% of a core while measuring: figures disturbed"
+                + (f"; top: {names}" if names else "")]
     return []
 
 
