@@ -31,6 +31,7 @@ EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 
 RECV_SIZE = 1 << 18
+perf_counter_ns = time.perf_counter_ns
 
 
 class ConnectionLost(Exception):
@@ -86,9 +87,10 @@ class Conn:
         if not self.out:
             self.engine.ep.modify(self.fd, EPOLLIN)
 
-    def on_readable(self, now_ns: int) -> None:
+    def on_readable(self) -> None:
         try:
             data = self.sock.recv(RECV_SIZE)
+            now_ns = perf_counter_ns()  # arrival time of everything in this read
         except BlockingIOError:
             return
         except OSError as exc:
@@ -149,7 +151,6 @@ class Engine:
         conns = self.conns
         poll = self.ep.poll
         monotonic = time.monotonic
-        perf_ns = time.perf_counter_ns
         while True:
             now = monotonic()
             if now >= deadline:
@@ -158,16 +159,12 @@ class Engine:
             if wait is None or wait > max_wait:
                 wait = max_wait
             wait = min(wait, deadline - now)
-            events = poll(wait if wait > 0 else 0)
-            if not events:
-                continue
-            now_ns = perf_ns()
-            for fd, ev in events:
+            for fd, ev in poll(wait if wait > 0 else 0):
                 conn = conns[fd]
                 if ev & EPOLLOUT:
                     conn.flush()
                 if ev & (EPOLLIN | EPOLLERR):
-                    conn.on_readable(now_ns)
+                    conn.on_readable()
 
     def close(self) -> None:
         for conn in self.conns.values():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ _PAD = bytes(PAYLOAD_SIZE - _PAY.size)
 _SEND_HEAD = b"\x94\x0a\xc4\x10"
 _MAP_HEAD = b"\x81\x01\xc4" + bytes((PAYLOAD_SIZE,))
 _packb = msgpack.packb
+perf_counter_ns = time.perf_counter_ns
 
 
 def ack_frame(seq: int) -> bytes:
@@ -190,7 +192,7 @@ class Sender:
             n = self.room()
             if n < self.free:
                 c.throttled += 1
-            self.send_now(n, now_ns, acks)
+            self.send_now(n, perf_counter_ns(), acks)
         elif acks:
             conn.write(encode_binary(b"".join(acks)))
 

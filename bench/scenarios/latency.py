@@ -53,7 +53,6 @@ class Schedule:
             self.lag_ns.append(int((now - (self.start + (issued + 1) / rate)) * 1e9))
             base, rem = divmod(n, p)
             first = issued % p
-            t_ns = time.perf_counter_ns()
             counters = self.harness.shared.counters
             for i in range(min(n, p)):
                 sender = senders[(first + i) % p]
@@ -63,7 +62,7 @@ class Schedule:
                     counters.throttled += count - room
                     count = room
                 if count:
-                    sender.send_now(count, t_ns)
+                    sender.send_now(count, time.perf_counter_ns())
             self.issued = due
         return self.start + (self.issued + 1) / rate - now
 
