@@ -573,7 +573,7 @@ class RelayClient:
 
         def fail(exc: ClientError) -> None:
             if not started:
-                raise exc
+                raise exc from None
             log.warning("relay client stopped: %s", exc)
             self._die(exc)
 
