@@ -16,6 +16,7 @@ Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -168,23 +169,30 @@ def stop(running: Running, grace: float = 5.0) -> int | None:
     temp directory. Returns the exit code; a no-op for ``--url`` targets."""
     proc = running.proc
     code = None
-    if proc is not None:
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                code = proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                running.notes.append(f"did not exit within {grace:.0f} s of SIGTERM; killed")
-                proc.kill()
-                code = proc.wait(timeout=grace)
-            except ProcessLookupError:
-                code = proc.poll()
-        else:
-            code = proc.returncode
+    try:
+        if proc is not None:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                    code = proc.wait(timeout=grace)
+                except subprocess.TimeoutExpired:
+                    running.notes.append(f"did not exit within {grace:.0f} s of SIGTERM; killed")
+                    proc.kill()
+                    code = proc.wait(timeout=grace)
+                except ProcessLookupError:
+                    code = proc.poll()
+            else:
+                code = proc.returncode
+    finally:
+        # Even when interrupted again (a second Ctrl-C) the relay must not outlive us.
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
         running.proc = None
-    if running.data_dir is not None:
-        shutil.rmtree(running.data_dir.parent, ignore_errors=True)
-        running.data_dir = None
+        if running.data_dir is not None:
+            shutil.rmtree(running.data_dir.parent, ignore_errors=True)
+            running.data_dir = None
     return code
 
 
