@@ -439,6 +439,8 @@ class FakeRelay:
         self.users: dict[str, bytes] = {}  # user -> identity key
         self.devices: dict[str, list[int]] = {"bob": [1]}
         self.auto_devices = True
+        self.lose_ready = False
+        self.drop_handshake = False
         self.connections = 0
         self.pending = 0
         self.log: list[tuple[int, list[Any]]] = []
@@ -455,6 +457,10 @@ class FakeRelay:
         try:
             await ws.send_message(_pack([0, 1, "fake", challenge, 0]))
             frame = decode_frames(await ws.get_message())[0]
+            if self.drop_handshake:  # the connection dies before any reply
+                self.drop_handshake = False
+                await ws.aclose(1011)
+                return
             if frame[0] == 2:
                 user, key, sig = frame[1], frame[2], frame[3]
                 if user in self.users:
@@ -463,6 +469,10 @@ class FakeRelay:
                     return
                 self.users[user] = key
                 device = 1
+                if self.lose_ready:  # registered, but the READY never arrives
+                    self.lose_ready = False
+                    await ws.aclose(1011)
+                    return
             else:
                 user, device, sig = frame[1], frame[2], frame[3]
                 key = self.users.get(user, bytes(32))
@@ -550,6 +560,27 @@ async def test_fake_register_and_auth_errors():
             async with open_client(DeviceIdentity.generate(relay.url, "carol")):
                 pass
         assert info.value.code == 401
+
+
+async def test_fake_register_whose_ready_was_lost():
+    async def script(conn: FakeConn) -> None:
+        await conn.idle()
+
+    async with fake_relay(script) as relay:
+        relay.lose_ready = True
+        ident = DeviceIdentity.generate(relay.url, "dave")
+        # The retry's REGISTER gets 409 (the first one worked): AUTH with the key.
+        async with open_client(ident, register=True, connect_timeout=5) as client:
+            assert client.device == 1
+        assert relay.connections == 3
+        # Someone else's name stays taken: 409 from REGISTER, then 401 from the
+        # AUTH fallback, reported as 409.
+        relay.drop_handshake = True
+        with pytest.raises(AuthError) as info:
+            async with open_client(DeviceIdentity.generate(relay.url, "dave"), register=True):
+                pass
+        assert info.value.code == 409
+        assert relay.connections == 6
 
 
 async def test_fake_cannot_connect():
