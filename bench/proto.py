@@ -133,7 +133,7 @@ def _next_frame(hs: PendingHandshake, deadline: float) -> Any:
     return hs.early.pop(0)
 
 
-def send_auth(hs: PendingHandshake, register: bool, deadline: float, device: int = 1) -> None:
+def send_auth(hs: PendingHandshake, register: bool, deadline: float, device: int = 1, token: str | None = None) -> None:
     """Read HELLO, answer REGISTER (new account) or AUTH."""
     hello = _next_frame(hs, deadline)
     if not isinstance(hello, list) or len(hello) < 5 or hello[0] != HELLO:
@@ -144,7 +144,7 @@ def send_auth(hs: PendingHandshake, register: bool, deadline: float, device: int
     server_name, challenge = hello[2], hello[3]
     sig = auth_signature(hs.key, server_name, challenge)
     if register:
-        frame = [REGISTER, hs.user, bytes(hs.key.verify_key), sig, None]
+        frame = [REGISTER, hs.user, bytes(hs.key.verify_key), sig, token]
     else:
         frame = [AUTH, hs.user, device, sig]
     hs.sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -161,7 +161,9 @@ def finish_auth(hs: PendingHandshake, deadline: float) -> Session:
     return Session(hs.sock, hs.parser, hs.unpacker, hs.user, frame[2], hs.key, frame[3], hs.early)
 
 
-def open_sessions(url: str, users: list[str], register: bool = True, timeout: float = 30.0) -> list[Session]:
+def open_sessions(
+    url: str, users: list[str], register: bool = True, timeout: float = 30.0, token: str | None = None
+) -> list[Session]:
     """Authenticate many users, pipelined in three phases (connect all, answer all
     HELLOs, collect all READYs) so a relay that group-commits registrations
     is not forced into one commit per user. Everything opened is closed on error."""
@@ -171,7 +173,7 @@ def open_sessions(url: str, users: list[str], register: bool = True, timeout: fl
         for user in users:
             pending.append(open_connection(url, user, SigningKey.generate(), timeout))
         for hs in pending:
-            send_auth(hs, register, deadline)
+            send_auth(hs, register, deadline, token=token)
         return [finish_auth(hs, deadline) for hs in pending]
     except BaseException:
         for hs in pending:

@@ -36,6 +36,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="per sender, messages sent but not yet receipted before it pauses (bounds relay inboxes)",
     )
     parser.add_argument("--stall-timeout", type=float, default=10.0, help="abort if nothing completes this long")
+    parser.add_argument("--token", help="registration token, for a relay that requires one")
     parser.add_argument("--setup-timeout", type=float, default=60.0, help="registering all users (default 60 s)")
 
 
@@ -60,7 +61,9 @@ class PairsHarness:
         senders = [f"b{run_id}s{i}" for i in range(n)]
         ack_per_read = self.args.ack == "read"
         t0 = time.monotonic()
-        sessions = open_sessions(self.url, receivers + senders, register=True, timeout=self.args.setup_timeout)
+        sessions = open_sessions(
+            self.url, receivers + senders, register=True, timeout=self.args.setup_timeout, token=self.args.token
+        )
         self.setup_seconds = time.monotonic() - t0
         for i, session in enumerate(sessions):
             if session.early or session.pending:
