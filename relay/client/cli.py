@@ -157,6 +157,8 @@ def _run(main: Callable[[], Awaitable[None]], timeout: float | None = None) -> i
     except KeyboardInterrupt:
         return 130
     except BaseExceptionGroup as group:  # should not happen: open_client unwraps
+        if group.subgroup(KeyboardInterrupt) is not None:
+            return 130
         first = group.exceptions[0] if group.exceptions else group
         print(f"relay: {type(first).__name__}: {first}", file=sys.stderr)
         return 1
