@@ -422,6 +422,31 @@ async def test_largest_message_accepted_and_delivered(relay):
         assert msg[2] == msg_id and len(msg[7]) == payload_len
 
 
+async def test_pipelined_sends_keep_their_order(relay):
+    """Many SENDs in flight at once (not waiting for SENT), to users on
+    different shards: each recipient gets them in send order."""
+    alice, bob, carol = await users(relay.url, "alice", "bob", "carol")
+    async with alice.online(relay.url) as a:
+        ids = {"bob": [], "carol": []}
+        frames_ = []
+        for i in range(60):
+            to = "bob" if i % 3 else "carol"
+            msg_id = os.urandom(16)
+            ids[to].append(msg_id)
+            frames_.append([SEND, msg_id, to, {1: b"%d" % i}])
+        for chunk in (frames_[:20], frames_[20:40], frames_[40:]):
+            await a.send(*chunk)
+        sent = await recv_n(a, 60)
+        assert {f[1] for f in sent} == set(ids["bob"] + ids["carol"])
+    for user in (bob, carol):
+        async with user.online(relay.url) as c:
+            n = len(ids[user.name])
+            assert c.ready[3] == n
+            msgs = await recv_n(c, n)
+            assert [m[2] for m in msgs] == ids[user.name]
+            assert [m[1] for m in msgs] == list(range(1, n + 1))
+
+
 # ----------------------------------------------------------- ACK and RECEIPT
 
 
@@ -805,11 +830,11 @@ async def test_ping_pong(relay):
 
 
 async def test_idle_timeout_and_ping_keepalive(relay):
-    async with custom_relay(relay.settings, idle_timeout_s=0.5) as server:
+    async with custom_relay(relay.settings, idle_timeout_s=1.0) as server:
         (alice,) = await users(server.url, "alice")
         async with alice.online(server.url) as a:
-            for _ in range(6):
-                await trio.sleep(0.2)
+            for _ in range(6):  # 1.5 s in all, longer than the idle timeout
+                await trio.sleep(0.25)
                 with trio.fail_after(5):
                     await a.ws.ping()
             await assert_alive(a, "alice")
@@ -821,7 +846,7 @@ async def test_idle_timeout_and_ping_keepalive(relay):
 
 
 async def test_retention_expiry(relay):
-    async with custom_relay(relay.settings, retention_s=0.2) as server:
+    async with custom_relay(relay.settings, retention_s=1.0) as server:
         alice, bob = await users(server.url, "alice", "bob")
         async with alice.online(server.url) as a:
             await a.send_msg("bob", {1: b"old 1"})
@@ -830,7 +855,7 @@ async def test_retention_expiry(relay):
         assert server.store.pending("bob", 1) == 2
         assert await server.sweep_expired() == 0, "nothing is old yet"
         assert server.store.pending("bob", 1) == 2
-        await trio.sleep(0.3)
+        await trio.sleep(1.1)
         assert await server.sweep_expired() == 2
         assert server.store.pending("bob", 1) == 0
         assert server.store.read_inbox("bob", 1, 0, 10) == []
