@@ -138,14 +138,15 @@ def run_one(
     return result
 
 
-def pick_median(results: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The run with the median headline figure (all runs' headlines listed in ``repeats``);
-    a failed run wins, so failures are never hidden by a repeat."""
+def pick_median(results: list[dict[str, Any]], key: str, median_by: Any = None) -> dict[str, Any]:
+    """The run with the median figure (``median_by(result)``, default the headline;
+    all runs' headlines listed in ``repeats``); a failed run wins, so failures are
+    never hidden by a repeat."""
     failed = [r for r in results if not r.get("ok")]
     if failed or len(results) == 1:
         chosen = dict(failed[0] if failed else results[0])
     else:
-        ordered = sorted(results, key=lambda r: r.get(key) or 0)
+        ordered = sorted(results, key=median_by or (lambda r: r.get(key) or 0))
         chosen = dict(ordered[(len(ordered) - 1) // 2])
     if len(results) > 1:
         chosen["repeats"] = [r.get(key) if r.get("ok") else None for r in results]
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_one(name, module, args, relay_core, log, suffix)
             runs[name].append(result)
     for name in names:
-        doc["results"].append(pick_median(runs[name], headline))
+        doc["results"].append(pick_median(runs[name], headline, getattr(module, "median_by", None)))
     doc["ratios"] = ratios(doc["results"], module.HEADLINE[0])
     text = json.dumps(doc, indent=2)
     print(text, flush=True)

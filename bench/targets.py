@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.system import REPO_ROOT
+from bench.system import REPO_ROOT, git_revision
 
 TARGETS = ("fast", "pure", "naive")
 LISTENING = re.compile(r"listening (ws://\S+)")
@@ -49,6 +49,7 @@ class Running:
     implementation: str | None = None
     command: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    git: str | None = None
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None
@@ -73,6 +74,7 @@ class Running:
             "url": self.url,
             "pid": self.pid,
             "implementation": self.implementation,
+            "git": self.git,
             "command": " ".join(self.command) if self.command else None,
             "notes": self.notes,
         }
@@ -132,7 +134,8 @@ def spawn(name: str, sync: str, core: int | None, start_timeout: float = 60.0, h
     finally:
         stdout.close()
         stderr.close()
-    running = Running(name, "", proc.pid, proc, data_dir, command=cmd)
+    # The tree may change between rounds (other people commit): record what this run started from.
+    running = Running(name, "", proc.pid, proc, data_dir, command=cmd, git=git_revision())
     try:
         if name in ("fast", "pure"):
             running.implementation = fastpath_implementation(env)

@@ -150,6 +150,7 @@ class Sender:
         acks: list[bytes] = []
         top_read = 0
         freed = 0
+        refused = 0
         for payload in messages:
             unp.feed(payload)
             top = 0
@@ -173,6 +174,11 @@ class Sender:
                     lat.send_to_receipt.append(now_ns - t0)
                 elif typ == ERROR:
                     shared.record_error(fr)
+                    # A refused SEND (429, 503, ...) frees its window slot: no SENT will come.
+                    ref = fr[1] if len(fr) > 1 else None
+                    if isinstance(ref, bytes) and sent_at.pop(ref, None) is not None:
+                        cycle_at.pop(ref, None)
+                        refused += 1
                 elif typ in (MSG, EVENT):
                     top = fr[1]
                     c.unexpected += 1
@@ -187,7 +193,7 @@ class Sender:
             acks.append(ack_frame(top_read))
         c.sent += freed
         c.acks += len(acks)
-        self.free += freed
+        self.free += freed + refused
         if self.closed_loop:
             n = self.room()
             if n < self.free:

@@ -5,7 +5,9 @@
   in ``ratios`` (higher is better);
 * ``add_arguments(parser)`` -- its own options;
 * ``run(url, relay_pid, args) -> dict`` -- one target, JSON-ready figures;
-* ``table(result) -> list[tuple[str, str]]`` -- readable (label, value) rows.
+* ``table(result) -> list[tuple[str, str]]`` -- readable (label, value) rows;
+* optionally ``median_by(result) -> float`` -- which round ``--repeat`` reports
+  (default: the median headline).
 
 Add ``idle``, ``drain``, ``fanout``, ``restart`` as modules here and list them
 in :data:`SCENARIOS`.

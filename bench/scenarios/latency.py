@@ -27,6 +27,12 @@ HEADLINE = ("msgs_per_s", "msg/s")
 QUANTILES = (0.5, 0.99, 0.999)
 
 
+def median_by(result: dict[str, Any]) -> float:
+    """With ``--repeat``, the reported round is the one with the median SEND→MSG p99."""
+    p99 = result["latency_ms"]["send_to_msg"]["p99"]
+    return float("inf") if p99 is None else float(p99)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--rate", type=float, default=10_000.0, help="offered msg/s over all pairs (default 10000)")
