@@ -118,6 +118,9 @@ class Session:
             try:
                 event = frames.parse_frame(obj)
             except FrameError as error:
+                # A second AUTH/REGISTER is refused like any other bad frame:
+                # the session it would replace is healthy, so it stays open.
+                error.close = None
                 return self._count(error)
             if isinstance(event, frames.Auth | frames.Register):
                 return FrameError(BAD_REQUEST, "already authenticated", ref=frames.AUTH if isinstance(event, frames.Auth) else frames.REGISTER)

@@ -20,6 +20,11 @@ class DeliveryWindow:
         self.last_pushed = acked
         self._in_flight: deque[int] = deque()
 
+    def start_at(self, acked: int) -> None:
+        """Begin after ``acked`` (entries up to it are known handled); nothing in flight."""
+        self.acked = self.last_pushed = acked
+        self._in_flight.clear()
+
     def capacity(self) -> int:
         """How many more entries may be pushed before the client acks."""
         return self.size - len(self._in_flight)

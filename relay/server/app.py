@@ -53,6 +53,9 @@ class RelayServer:
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
         self.connections: set[Connection] = set()
+        # (user, device) -> seq acked but whose delete is not committed yet, so
+        # a reconnect right after an ACK does not see those entries again.
+        self.ack_floors: dict[tuple[str, int], int] = {}
         self.port: int | None = None
         self.shutting_down = False
         self._nursery: trio.Nursery | None = None
@@ -145,6 +148,13 @@ class RelayServer:
             await conn.serve()
         finally:
             self.connections.discard(conn)
+
+    def abort_connections(self, user: str) -> int:
+        """Cut every connection of ``user`` without a close frame; return how many."""
+        targets = self.router.devices_online(user)
+        for conn in targets:
+            conn.abort()
+        return len(targets)
 
     def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, commit, return from :meth:`run`."""

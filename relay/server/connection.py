@@ -20,9 +20,12 @@ ephemeral).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import socket
+import struct
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -114,6 +117,8 @@ class Connection:
         self._sends_in_flight = 0
         self._sends_changed = trio.Event()
         self._read_scope = trio.CancelScope()
+        self._scope: trio.CancelScope | None = None
+        self._aborted = False
         self.dead = False
 
     # --- called by others (router, writers' callbacks, the server) --------
@@ -133,6 +138,13 @@ class Connection:
     def replace(self) -> None:
         """The same device authenticated again elsewhere (close 4409)."""
         self.begin_close(CLOSE_REPLACED, "connected elsewhere")
+
+    def abort(self) -> None:
+        """Drop the TCP connection at once (RST, no close frame): for operators
+        and for tests that cut connections the way a network does."""
+        self._aborted = True
+        if self._scope is not None:
+            self._scope.cancel()
 
     def begin_close(self, code: int, reason: str = "") -> None:
         """Send a close frame after what is queued; the reader then waits for the peer's."""
@@ -169,6 +181,7 @@ class Connection:
                 return
             self._queue_reply(frames.encode_hello(self.settings.server_name, self.challenge, now_ms()))
             async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
                 nursery.start_soon(self._pump)
                 await self._read_loop(trailing)
                 if not self._peer_closed or self._closing:
@@ -183,6 +196,10 @@ class Connection:
             self.dead = True
             if self.user is not None and self.device is not None:
                 self.server.router.detach(self, self.user, self.device)
+            if self._aborted and isinstance(self.stream, trio.SocketStream):
+                # Linger 0: close() sends RST, like a cut network.
+                with contextlib.suppress(OSError):
+                    self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self.stream.aclose()
 
@@ -321,7 +338,13 @@ class Connection:
         if old is not None and old is not self:
             old.replace()
         self.session.authenticated(user, device)
-        self._queue_reply(frames.encode_ready(user, device, self.server.store.pending(user, device)))
+        store = self.server.store
+        pending = store.pending(user, device)
+        floor = self.server.ack_floors.get((user, device), 0)
+        if floor:
+            self.window.start_at(floor)
+            pending -= sum(1 for e in store.read_inbox(user, device, 0, 4 * self.settings.window) if e.seq <= floor)
+        self._queue_reply(frames.encode_ready(user, device, max(0, pending)))
         self._ready = True
         self.wake()
 
@@ -382,6 +405,9 @@ class Connection:
             return
         self.wake()
         user, device, server = self.user, self.device, self.server
+        floors = server.ack_floors
+        floor_key = (user, device)
+        floors[floor_key] = max(acked, floors.get(floor_key, 0))
         entries = server.store.read_inbox(user, device, before, self.window.size)
         now = now_ms()
         receipts: list[AppendEntries] = []
@@ -400,12 +426,14 @@ class Connection:
         delete = DeleteUpTo(user, device, acked)
 
         def deleted(result: object) -> None:
+            if floors.get(floor_key) == acked:
+                del floors[floor_key]
             # References gone: release the group bodies they pointed to.
             if isinstance(result, int):
                 for group, counts in released.items():
                     server.spawn_submit(server.writer_for(group), ReleaseBodies(counts))
 
-        on_deleted = deleted if released else None
+        on_deleted = deleted
         if not receipts:
             await server.writer_for(user).submit(delete, on_deleted)
             return

@@ -19,6 +19,8 @@ class Routable(Protocol):
 
     def replace(self) -> None: ...
 
+    def abort(self) -> None: ...
+
 
 class Router:
     def __init__(self) -> None:

@@ -27,6 +27,7 @@ whatever a batch reported is on disk before the server answers SENT.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from pathlib import Path
@@ -71,6 +72,8 @@ from relay.store.base import (
     group_of_body,
     shard_of,
 )
+
+log = logging.getLogger(__name__)
 
 _U64 = struct.Struct(">Q")
 _META = struct.Struct(">QQ")
@@ -290,6 +293,12 @@ class LmdbStore:
             return [full] * len(ops)
         except lmdb.Error as exc:
             error = StoreError(f"store error: {exc}")
+            return [error] * len(ops)
+        except Exception as exc:
+            # A bug in an op: the transaction is aborted (nothing of the batch
+            # is stored), every op reports it, and the shard keeps serving.
+            log.exception("write batch failed on shard %d", shard_index)
+            error = StoreError(f"internal store error: {type(exc).__name__}")
             return [error] * len(ops)
         return results
 
