@@ -6,7 +6,8 @@ Start with :func:`open_client` and :class:`DeviceIdentity`; see ``docs/client.md
 from .client import RelayClient, open_client
 from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
 from .identity import DeviceIdentity, auth_signature
-from .types import Entry, Event, Message, Receipt, Signal
+from .receipts import ReceiptCounts, ReceiptTally
+from .types import Entry, Event, GroupInfo, Message, Receipt, Signal
 
 __all__ = [
     "AuthError",
@@ -15,8 +16,11 @@ __all__ = [
     "DeviceIdentity",
     "Entry",
     "Event",
+    "GroupInfo",
     "Message",
     "Receipt",
+    "ReceiptCounts",
+    "ReceiptTally",
     "RelayClient",
     "RequestError",
     "SendError",

@@ -1,4 +1,4 @@
-"""The client commands of ``relay``: register, send, recv.
+"""The client commands of ``relay``: register, send, recv, group.
 
 ``relay/cli.py`` calls :func:`add_commands` on its subparsers; each command
 sets ``handler`` (``handler(args) -> int``). Output is one JSON object per
@@ -16,6 +16,7 @@ import base64
 import json
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -25,12 +26,12 @@ from typing import Any
 import msgpack
 import trio
 
-from .client import open_client
-from .errors import AuthError, ClientError, ConnectionClosed
-from .identity import STATE_FILE, DeviceIdentity
-from .types import Entry, Event, Message, Receipt, Signal
+from .client import RelayClient, open_client
+from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
+from .identity import STATE_FILE, DeviceIdentity, valid_user
+from .types import Entry, Event, GroupInfo, Message, Receipt, Signal
 
-__all__ = ["add_commands", "decode_text", "encode_text", "entry_to_json"]
+__all__ = ["add_commands", "decode_text", "encode_text", "entry_to_json", "parse_members"]
 
 
 class _CommandError(Exception):
@@ -62,14 +63,31 @@ def decode_text(payload: bytes) -> str | None:
 
 
 def _jsonable(value: Any) -> Any:
-    """msgpack values -> JSON (bytes become base64 strings)."""
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
+    """msgpack values -> strict JSON: bytes become base64 strings, map keys
+    strings, msgpack extension types ``{"ext": code, "data": base64}``,
+    non-finite floats strings (``"nan"``, ``"inf"``); anything else unknown
+    its ``repr``."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {_json_key(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    return value
+    if isinstance(value, msgpack.ExtType):
+        return {"ext": value.code, "data": base64.b64encode(value.data).decode("ascii")}
+    return repr(value)
+
+
+def _json_key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bytes):
+        return base64.b64encode(key).decode("ascii")
+    return str(key)
 
 
 def entry_to_json(entry: Entry) -> dict[str, Any]:
@@ -130,7 +148,23 @@ def _describe(exc: ClientError) -> str:
         return f"{what}: {exc.reason} ({exc.code})" if exc.reason else f"{what} ({exc.code})"
     if isinstance(exc, ConnectionClosed) and exc.code == 4409:
         return "this device connected again elsewhere (4409)"
+    if isinstance(exc, RequestError | SendError) and exc.code in _REFUSED:
+        what = _REFUSED[exc.code]
+        return f"{what}: {exc.reason} ({exc.code})" if exc.reason else f"{what} ({exc.code})"
     return str(exc)
+
+
+#: What a refused request or send means, for the stderr line.
+_REFUSED = {
+    400: "refused as malformed",
+    403: "not allowed",
+    404: "not found",
+    409: "conflict",
+    413: "too large",
+    429: "rate limited",
+    500: "relay error",
+    503: "relay overloaded",
+}
 
 
 def _run(main: Callable[[], Awaitable[None]], timeout: float | None = None) -> int:
@@ -215,15 +249,28 @@ def register_handler(args: argparse.Namespace) -> int:
 
 
 def send_handler(args: argparse.Namespace) -> int:
-    """``relay send``: one text message; prints ``{"msg_id", "status": "sent", "ts"}``
-    once the relay stored it (SENT)."""
+    """``relay send``: one text message to a user (``--to``, SEND) or a group
+    (``--group``, SEND_GROUP); prints ``{"msg_id", "status": "sent", "ts"}``
+    (plus ``"group"``) once the relay stored it (SENT)."""
     _setup_logging(args)
+    if args.group is not None and not _GROUP_RE.fullmatch(args.group):
+        print(f"relay: invalid group id {args.group!r} (g. + 22 characters)", file=sys.stderr)
+        return 2
+    if args.to is not None and not valid_user(args.to):
+        print(f"relay: invalid user name {args.to!r}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         identity = _load(args.state)
+        payload = encode_text(args.text)
         async with open_client(identity, connect_timeout=args.timeout) as client:
-            msg_id, ts = await client.send(args.to, encode_text(args.text))
-            _print_json({"msg_id": msg_id.hex(), "status": "sent", "ts": ts})
+            if args.group is not None:
+                msg_id, ts = await client.send_group(args.group, payload)
+                out = {"msg_id": msg_id.hex(), "status": "sent", "ts": ts, "group": args.group}
+            else:
+                msg_id, ts = await client.send(args.to, payload)
+                out = {"msg_id": msg_id.hex(), "status": "sent", "ts": ts}
+            _print_json(out)
 
     return _run(main, args.timeout)
 
@@ -267,11 +314,113 @@ def recv_handler(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+# --------------------------------------------------------------------- group
+
+_GROUP_RE = re.compile(r"g\.[A-Za-z0-9_-]{22}")
+
+#: ``relay group ACTION`` -> what it does with the client.
+_GroupAction = Callable[[RelayClient, argparse.Namespace], Awaitable[GroupInfo]]
+
+
+def parse_members(text: str) -> list[str]:
+    """``"a,b, c"`` -> ``["a", "b", "c"]`` (empty items dropped)."""
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _group_actions() -> dict[str, _GroupAction]:
+    def on_members(
+        method: Callable[[RelayClient, str, list[str]], Awaitable[GroupInfo]],
+    ) -> _GroupAction:
+        return lambda client, args: method(client, args.group, args.users)
+
+    return {
+        "create": lambda c, a: c.create_group(a.name, parse_members(a.members)),
+        "info": lambda c, a: c.group_info(a.group),
+        "leave": lambda c, a: c.leave_group(a.group),
+        "add": on_members(RelayClient.add_members),
+        "remove": on_members(RelayClient.remove_members),
+        "promote": on_members(RelayClient.promote),
+        "demote": on_members(RelayClient.demote),
+        "rename": lambda c, a: c.rename_group(a.group, a.name),
+    }
+
+
+def group_handler(args: argparse.Namespace) -> int:
+    """``relay group ACTION``: one ``group.*`` request; prints the group's info
+    after it, ``{"group", "name", "version", "members", "admins"}``, as one
+    JSON line. A refusal is one stderr line with the relay's code, exit 1."""
+    _setup_logging(args)
+    group = getattr(args, "group", None)
+    if group is not None and not _GROUP_RE.fullmatch(group):
+        print(f"relay: invalid group id {group!r} (g. + 22 characters)", file=sys.stderr)
+        return 2
+    users = list(getattr(args, "users", None) or [])
+    if args.action == "create":
+        users = parse_members(args.members)
+    bad = [u for u in users if not valid_user(u)]
+    if bad:
+        print(f"relay: invalid user name {bad[0]!r}", file=sys.stderr)
+        return 2
+    action = _group_actions()[args.action]
+
+    async def main() -> None:
+        identity = _load(args.state)
+        async with open_client(identity, connect_timeout=args.timeout) as client:
+            try:
+                info = await action(client, args)
+            except RequestError as exc:
+                raise RequestError(exc.code, f"group.{args.action}: {exc.reason}") from None
+            _print_json(dict(info))
+
+    return _run(main, args.timeout)
+
+
+def _add_group_commands(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    group_parser = subparsers.add_parser(
+        "group", help="create and manage groups (prints the group's info as JSON)"
+    )
+    actions = group_parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = actions.add_parser(name, help=help_text)
+        p.add_argument("--state", required=True, help="directory with state.json")
+        p.add_argument(
+            "--timeout", type=float, default=30.0, help="seconds for the whole request (default 30)"
+        )
+        p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
+        p.set_defaults(handler=group_handler)
+        return p
+
+    p = action("create", "create a group; you are its first member and admin")
+    p.add_argument("--name", required=True, help="group name (1-128 characters)")
+    p.add_argument(
+        "--members", default="", help="the other members, comma-separated: a,b,c"
+    )
+    p = action("info", "show a group's name, version, members and admins")
+    p.add_argument("group", help="group id (g.…)")
+    p = action("leave", "leave a group")
+    p.add_argument("group", help="group id (g.…)")
+    for name, help_text in (
+        ("add", "add members (admins only)"),
+        ("remove", "remove members (admins only)"),
+        ("promote", "make members admins (admins only)"),
+        ("demote", "make admins plain members (admins only)"),
+    ):
+        p = action(name, help_text)
+        p.add_argument("group", help="group id (g.…)")
+        p.add_argument("users", nargs="+", metavar="USER", help="user names")
+    p = action("rename", "rename a group (admins only)")
+    p.add_argument("group", help="group id (g.…)")
+    p.add_argument("name", help="new name (1-128 characters)")
+
+
 # ------------------------------------------------------------------ wiring
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``register``, ``send`` and ``recv`` to ``relay``'s subparsers."""
+    """Add ``register``, ``send``, ``recv`` and ``group`` to ``relay``'s subparsers."""
     p = subparsers.add_parser("register", help="create an account (device 1) and save its key")
     p.add_argument("--server", required=True, help="relay URL, e.g. ws://127.0.0.1:8765/v1")
     p.add_argument("--user", required=True, help="user name: 1-64 of [a-z0-9._-]")
@@ -283,7 +432,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
     p = subparsers.add_parser("send", help="send a text message and wait for SENT")
     p.add_argument("--state", required=True, help="directory with state.json")
-    p.add_argument("--to", required=True, help="recipient user")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to", help="recipient user")
+    to.add_argument("--group", help="recipient group id (g.…): one SEND_GROUP to all members")
     p.add_argument("text", help="message text")
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the whole send (default 30)"
@@ -303,3 +454,5 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--read", action="store_true", help="send read receipts for printed messages")
     p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
     p.set_defaults(handler=recv_handler)
+
+    _add_group_commands(subparsers)

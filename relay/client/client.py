@@ -41,7 +41,7 @@ import trio_websocket
 from .bookkeeping import DeviceDirectory, InboxCursor, Outbox, OutgoingSend, ReadQueue
 from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
 from .identity import DeviceIdentity, valid_user
-from .types import Entry, Event, Message, Receipt, Signal
+from .types import Entry, Event, GroupInfo, Message, Receipt, Signal
 
 __all__ = ["RelayClient", "open_client"]
 
@@ -217,6 +217,48 @@ def _check_recipient(to: str, group: bool) -> None:
             raise ValueError(f"invalid group id {to!r}")
     elif not valid_user(to):
         raise ValueError(f"invalid user name {to!r}")
+
+
+def _group_id(group: str) -> str:
+    _check_recipient(group, group=True)
+    return group
+
+
+def _user_list(members: Iterable[str]) -> list[str]:
+    """``members`` as a list of valid user names (a bare str is refused: it
+    would iterate as characters)."""
+    if isinstance(members, str):
+        raise TypeError("members must be a list of user names, not one string")
+    users = list(members)
+    for user in users:
+        if not valid_user(user):
+            raise ValueError(f"invalid user name {user!r}")
+    return users
+
+
+def _as_group_info(op: str, result: Any) -> GroupInfo:
+    """The typed info from a ``group.*`` answer; :class:`RequestError` if it is
+    not shaped like one."""
+    try:
+        members, admins = result["members"], result["admins"]
+        if not (
+            isinstance(result["group"], str)
+            and isinstance(result["name"], str)
+            and type(result["version"]) is int
+            and isinstance(members, list)
+            and isinstance(admins, list)
+            and all(isinstance(u, str) for u in members + admins)
+        ):
+            raise TypeError("wrong field types")
+        return GroupInfo(
+            group=result["group"],
+            name=result["name"],
+            version=result["version"],
+            members=list(members),
+            admins=list(admins),
+        )
+    except (KeyError, TypeError) as exc:
+        raise RequestError(0, f"malformed answer to {op!r}: {result!r:.200} ({exc})") from None
 
 
 class RelayClient:
@@ -516,6 +558,86 @@ class RelayClient:
         result = await self.request("devices.list", {"user": user}, retry=True)
         devices: list[dict[str, Any]] = result["devices"]
         return devices
+
+    # --------------------------------------------------------------- groups
+    #
+    # Thin wrappers over request(): each returns the relay's answer, the
+    # group's info after the change. Only group_info is written again after a
+    # connection drop; the others raise ConnectionClosed then ("may or may not
+    # have been applied"), because re-applying e.g. an add after another admin
+    # removed the user meanwhile would undo that removal. Call group_info to
+    # see where things stand.
+
+    async def create_group(
+        self, name: str, members: Iterable[str] = (), *, timeout: float | None = 30.0
+    ) -> GroupInfo:
+        """``group.create``: a new group called ``name`` (1-128 chars) with
+        ``members``, the *other* users (this user is always the first member
+        and first admin). Every member gets EVENT ``group.changed``.
+
+        :class:`RequestError` 404 when a member does not exist, 400 for a bad
+        name, 413 past the relay's member limit."""
+        return await self._group_op(
+            "group.create", {"name": name, "members": _user_list(members)}, timeout
+        )
+
+    async def group_info(self, group: str, *, timeout: float | None = 30.0) -> GroupInfo:
+        """``group.info``: name, version, members, admins (403 for a non-member,
+        404 for an unknown id). Read-only, so it is retried across reconnects."""
+        return await self._group_op("group.info", {"group": _group_id(group)}, timeout, retry=True)
+
+    async def add_members(
+        self, group: str, members: Iterable[str], *, timeout: float | None = 30.0
+    ) -> GroupInfo:
+        """``group.add`` (admins only, else 403; 404 for an unknown user).
+        Members already in the group are left as they are."""
+        return await self._members_op("group.add", group, members, timeout)
+
+    async def remove_members(
+        self, group: str, members: Iterable[str], *, timeout: float | None = 30.0
+    ) -> GroupInfo:
+        """``group.remove`` (admins only). The removed members get the
+        ``group.changed`` of their removal too."""
+        return await self._members_op("group.remove", group, members, timeout)
+
+    async def promote(
+        self, group: str, members: Iterable[str], *, timeout: float | None = 30.0
+    ) -> GroupInfo:
+        """``group.promote``: make members admins (admins only)."""
+        return await self._members_op("group.promote", group, members, timeout)
+
+    async def demote(
+        self, group: str, members: Iterable[str], *, timeout: float | None = 30.0
+    ) -> GroupInfo:
+        """``group.demote``: admins back to plain members (admins only;
+        demoting the last admin is 403)."""
+        return await self._members_op("group.demote", group, members, timeout)
+
+    async def rename_group(
+        self, group: str, name: str, *, timeout: float | None = 30.0
+    ) -> GroupInfo:
+        """``group.rename`` (admins only; 1-128 chars)."""
+        return await self._group_op(
+            "group.rename", {"group": _group_id(group), "name": name}, timeout
+        )
+
+    async def leave_group(self, group: str, *, timeout: float | None = 30.0) -> GroupInfo:
+        """``group.leave``: any member may leave; the result is the info
+        without this user (the last admin leaving hands admin to the
+        longest-standing member; the last member leaving deletes the group)."""
+        return await self._group_op("group.leave", {"group": _group_id(group)}, timeout)
+
+    async def _members_op(
+        self, op: str, group: str, members: Iterable[str], timeout: float | None
+    ) -> GroupInfo:
+        args = {"group": _group_id(group), "members": _user_list(members)}
+        return await self._group_op(op, args, timeout)
+
+    async def _group_op(
+        self, op: str, args: dict[str, Any], timeout: float | None, *, retry: bool = False
+    ) -> GroupInfo:
+        result = await self.request(op, args, timeout=timeout, retry=retry)
+        return _as_group_info(op, result)
 
     async def _fetch_devices(self, user: str) -> None:
         """Fill the device cache for ``user``; on a lasting failure fail the SENDs to it."""

@@ -8,9 +8,9 @@ an ephemeral SIGNALED frame (no seq, never acked, never stored by the relay).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
-__all__ = ["Entry", "Event", "Message", "Receipt", "Signal"]
+__all__ = ["Entry", "Event", "GroupInfo", "Message", "Receipt", "Signal"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,3 +71,16 @@ class Signal:
 
 
 Entry = Message | Receipt | Event | Signal
+
+
+class GroupInfo(TypedDict):
+    """A group as the relay answers every ``group.*`` request (and as the body
+    of EVENT ``group.changed``, which adds ``actor``): ``members`` in join
+    order, ``admins`` a subset of them, ``version`` 1 at creation and +1 per
+    change."""
+
+    group: str
+    name: str
+    version: int
+    members: list[str]
+    admins: list[str]

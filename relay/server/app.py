@@ -93,8 +93,8 @@ class RelayServer:
 
         def committed(user: str, result: object) -> None:
             nonlocal remaining
-            if isinstance(result, list) and result:
-                self.router.wake(user, [d for d, _ in result])
+            if isinstance(result, tuple) and result:
+                self.router.wake(user, result)
             remaining -= 1
             if remaining == 0:
                 done.set()
@@ -102,7 +102,7 @@ class RelayServer:
         if not users:
             return
         for user in users:
-            op = AppendEntries(user, type_, count, tail, created)
+            op = AppendEntries(user, type_, count, [tail], created)
             await self.writer_for(user).submit(op, functools.partial(committed, user))
         await done.wait()
 

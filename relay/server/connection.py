@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import struct
+from collections import deque
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -58,9 +59,11 @@ from relay.protocol.session import Session
 from relay.protocol.window import DeliveryWindow
 from relay.server.clock import now_ms
 from relay.store.base import (
+    ENTRY_MSG,
     ENTRY_MSG_REF,
     AppendEntries,
     DeleteUpTo,
+    InboxEntry,
     RegisterUser,
     ReleaseBodies,
     Stored,
@@ -103,6 +106,9 @@ class Connection:
         self.parser = self.fp.FrameParser(self.settings.max_message_bytes, True)
         self.challenge = os.urandom(32)
         self.window = DeliveryWindow(self.settings.window)
+        # Pushed MSG entries not yet acked: an ACK turns them into receipts
+        # without reading the inbox again. At most a window's worth.
+        self._pushed: deque[InboxEntry] = deque()
         self._replies: list[bytes] = []
         self._signals: list[bytes] = []
         self._control: list[bytes] = []
@@ -188,10 +194,15 @@ class Connection:
                     with trio.move_on_after(CLOSE_TIMEOUT_S):
                         await self._close_sent.wait()
                 nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except Exception:
-            log.exception("connection failed")
+        except Exception as exc:
+            # The peer going away mid-write is how connections end, not a failure.
+            failure: BaseException | None = exc
+            if isinstance(exc, BaseExceptionGroup):
+                failure = exc.split((trio.BrokenResourceError, trio.ClosedResourceError))[1]
+            elif isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError):
+                failure = None
+            if failure is not None:
+                log.error("connection failed", exc_info=failure)
         finally:
             self.dead = True
             if self.user is not None and self.device is not None:
@@ -399,7 +410,6 @@ class Connection:
 
     async def _serve_ack(self, seq: int) -> None:
         assert self.user is not None and self.device is not None
-        before = self.window.acked
         acked = self.window.ack(seq)
         if acked is None:
             return
@@ -408,21 +418,19 @@ class Connection:
         floors = server.ack_floors
         floor_key = (user, device)
         floors[floor_key] = max(acked, floors.get(floor_key, 0))
-        entries = server.store.read_inbox(user, device, before, self.window.size)
+        pushed = self._pushed
         now = now_ms()
-        receipts: list[AppendEntries] = []
+        receipt_tails: dict[str, list[bytes]] = {}
         released: dict[str, dict[bytes, int]] = {}
-        for entry in entries:
-            if entry.seq > acked:
-                break
+        while pushed and pushed[0].seq <= acked:
+            entry = pushed.popleft()
             if entry.body_key is not None:
                 counts = released.setdefault(group_of_body(entry.body_key), {})
                 counts[entry.body_key] = counts.get(entry.body_key, 0) + 1
             if entry.type == frames.MSG:
                 msg_id, from_user = _msg_header(entry.tail)
                 tail = frames.receipt_tail(msg_id, user, device, frames.RECEIPT_DELIVERED, now)
-                skip = device if from_user == user else None
-                receipts.append(AppendEntries(from_user, frames.RECEIPT, frames.RECEIPT_FIELDS, tail, now, skip_device=skip))
+                receipt_tails.setdefault(from_user, []).append(tail)
         delete = DeleteUpTo(user, device, acked)
 
         def deleted(result: object) -> None:
@@ -433,25 +441,26 @@ class Connection:
                 for group, counts in released.items():
                     server.spawn_submit(server.writer_for(group), ReleaseBodies(counts))
 
-        on_deleted = deleted
-        if not receipts:
-            await server.writer_for(user).submit(delete, on_deleted)
+        delete_writer = server.writer_for(user)
+        if not receipt_tails:
+            await delete_writer.submit(delete, deleted)
             return
         # Receipts are committed before the acked entries are deleted, so a
         # crash in between repeats a receipt rather than losing one.
-        remaining = len(receipts)
-        delete_writer = server.writer_for(user)
+        remaining = len(receipt_tails)
 
-        def receipt_done(receipt: AppendEntries, result: object) -> None:
+        def receipt_done(sender: str, result: object) -> None:
             nonlocal remaining
             remaining -= 1
-            if isinstance(result, list) and result:
-                server.router.wake(receipt.user, [d for d, _ in result])
+            if isinstance(result, tuple) and result:
+                server.router.wake(sender, result)
             if remaining == 0:
-                server.spawn_submit(delete_writer, delete, on_deleted)
+                server.spawn_submit(delete_writer, delete, deleted)
 
-        for receipt in receipts:
-            await server.writer_for(receipt.user).submit(receipt, functools.partial(receipt_done, receipt))
+        for sender, tails in receipt_tails.items():
+            skip = device if sender == user else None
+            receipt = AppendEntries(sender, frames.RECEIPT, frames.RECEIPT_FIELDS, tails, now, skip_device=skip)
+            await server.writer_for(sender).submit(receipt, functools.partial(receipt_done, sender))
 
     async def _serve_read(self, event: frames.Read) -> None:
         assert self.user is not None and self.device is not None
@@ -463,12 +472,12 @@ class Connection:
         writer = server.writer_for(event.sender)
 
         def done(result: object) -> None:
-            if isinstance(result, list) and result:
-                server.router.wake(event.sender, [d for d, _ in result])
+            if isinstance(result, tuple) and result:
+                server.router.wake(event.sender, result)
 
-        for msg_id in event.msg_ids:
-            tail = frames.receipt_tail(msg_id, self.user, self.device, frames.RECEIPT_READ, now)
-            await writer.submit(AppendEntries(event.sender, frames.RECEIPT, frames.RECEIPT_FIELDS, tail, now, skip_device=skip), done)
+        tails = [frames.receipt_tail(m, self.user, self.device, frames.RECEIPT_READ, now) for m in event.msg_ids]
+        if tails:
+            await writer.submit(AppendEntries(event.sender, frames.RECEIPT, frames.RECEIPT_FIELDS, tails, now, skip_device=skip), done)
 
     def _serve_signal(self, event: frames.Signal) -> None:
         assert self.user is not None
@@ -503,6 +512,7 @@ class Connection:
         stream = self.stream
         store = self.server.store
         window = self.window
+        pushed = self._pushed
         max_bytes = self.settings.max_message_bytes
         max_frames = self.settings.max_frames_per_message
         pack_entry = fp.pack_entry
@@ -534,6 +544,8 @@ class Connection:
                             # it counts as pushed so a later ACK covers it.
                             if entry.type != ENTRY_MSG_REF:
                                 batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
+                            if entry.type == ENTRY_MSG or entry.body_key is not None:
+                                pushed.append(entry)
                             window.pushed(entry.seq)
                 if batch:
                     # Several frames per WebSocket message, within the limits

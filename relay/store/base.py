@@ -97,16 +97,17 @@ class Stored:
 
 @dataclass(slots=True)
 class AppendEntries:
-    """Receipts or events for the devices of one user. Result: list of seqs.
+    """Receipts or events for the devices of one user: each of ``tails``, in
+    order, into each device's inbox. Result: the devices that got them.
 
     ``devices`` None means every registered device of ``user`` except
-    ``skip_device``; unknown users get nothing (result ``[]``).
+    ``skip_device``; unknown users get nothing (result ``()``).
     """
 
     user: str
     type: int
     count: int
-    tail: bytes
+    tails: list[bytes]
     created: int
     devices: tuple[int, ...] | None = None
     skip_device: int | None = None

@@ -379,16 +379,19 @@ class _WriteTxn:
         self.txn.put(idem_key, _U64.pack(op.ts), db=self.shard.idem)
         return Stored(op.ts, False, tuple(op.payloads))
 
-    def append_entries(self, op: AppendEntries) -> list[tuple[int, int]]:
-        devices: tuple[int, ...] | list[int]
+    def append_entries(self, op: AppendEntries) -> tuple[int, ...]:
+        devices: tuple[int, ...]
         if op.devices is None:
             known = self._devices(op.user)
             if known is None:
-                return []
-            devices = [d for d in known if d != op.skip_device]
+                return ()
+            devices = tuple(d for d in known if d != op.skip_device)
         else:
             devices = op.devices
-        return [(d, self._append(op.user, d, op.type, op.count, op.created, op.tail)) for d in devices]
+        for device in devices:
+            for tail in op.tails:
+                self._append(op.user, device, op.type, op.count, op.created, tail)
+        return devices
 
     def delete_up_to(self, user: str, device: int, seq: int) -> int:
         prefix = device_prefix(user, device)
