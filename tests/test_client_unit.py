@@ -25,6 +25,7 @@ from relay.client import (
     Event,
     Message,
     Receipt,
+    ReceiptTally,
     RequestError,
     SendError,
     Signal,
@@ -40,7 +41,7 @@ from relay.client.bookkeeping import (
     OutgoingSend,
     ReadQueue,
 )
-from relay.client.cli import decode_text, encode_text, entry_to_json
+from relay.client.cli import decode_text, encode_text, entry_to_json, parse_members
 from relay.client.client import MAX_FRAMES_PER_MESSAGE, decode_frames, pack_messages
 from relay.client.identity import normalize_server_url
 
@@ -360,6 +361,93 @@ def test_entry_to_json():
     event = entry_to_json(Event(7, "keys.low", {"count": 3, "k": b"\xff"}, 1))
     assert event["body"] == {"count": 3, "k": "/w=="}
     assert entry_to_json(Signal("bob", "alice", "typing"))["type"] == "signal"
+
+
+def test_group_event_json_is_strict_json():
+    group = "g." + "b" * 22
+    body = {
+        "group": group,
+        "version": 3,
+        "name": "team",
+        "members": ["ann", "ben"],
+        "admins": ["ann"],
+        "actor": "ann",
+        # Not in a group.changed today; must still print as strict JSON.
+        b"k": [b"\x00", float("nan"), msgpack.ExtType(5, b"\x01"), 1.5, None, True],
+        7: {"x": float("inf")},
+    }
+    line = entry_to_json(Event(8, "group.changed", body, 11))
+    text = json.dumps(line, allow_nan=False)  # raises on anything not strict JSON
+    assert json.loads(text) == {
+        "type": "event",
+        "kind": "group.changed",
+        "ts": 11,
+        "body": {
+            "group": group,
+            "version": 3,
+            "name": "team",
+            "members": ["ann", "ben"],
+            "admins": ["ann"],
+            "actor": "ann",
+            "aw==": ["AA==", "nan", {"ext": 5, "data": "AQ=="}, 1.5, None, True],
+            "7": {"x": "inf"},
+        },
+    }
+
+
+def test_parse_members():
+    assert parse_members("a,b, c,,") == ["a", "b", "c"]
+    assert parse_members("") == []
+
+
+def _receipt(msg_id: bytes, user: str, device: int, status: int, seq: int = 1) -> Receipt:
+    return Receipt(seq, msg_id, user, device, status, 0)
+
+
+def test_receipt_tally_counts_distinct_devices():
+    tally = ReceiptTally()
+    m = _mid(1)
+    tally.track(m, expected=4)
+    assert tally.counts(m).describe() == "delivered to 0 of 4"
+    assert tally.add(_receipt(m, "ben", 1, Receipt.DELIVERED))
+    assert not tally.add(_receipt(m, "ben", 1, Receipt.DELIVERED)), "a repeat counts once"
+    assert tally.add(_receipt(m, "ben", 2, Receipt.DELIVERED)), "another device of ben"
+    assert tally.add(_receipt(m, "cat", 1, Receipt.READ)), "read without delivered first"
+    assert not tally.add(_receipt(m, "cat", 1, Receipt.DELIVERED)), "late delivered after read"
+    assert tally.add(_receipt(m, "ben", 1, Receipt.READ))
+    counts = tally.counts(m)
+    assert (counts.delivered, counts.read, counts.expected) == (3, 2, 4)
+    assert counts.describe() == "delivered to 3 of 4, read by 2"
+    assert tally.devices(m) == [("ben", 1), ("ben", 2), ("cat", 1)]
+    assert tally.devices(m, Receipt.READ) == [("ben", 1), ("cat", 1)]
+    # Status 0 or unknown ids change nothing; status above 2 counts as read.
+    assert not tally.add(_receipt(m, "dan", 1, 0))
+    assert not tally.add(_receipt(_mid(2), "ben", 1, Receipt.DELIVERED))
+    assert tally.add(_receipt(m, "dan", 1, 3))
+    assert tally.counts(m).describe() == "delivered to 4 of 4, read by 3"
+    # Tracking again keeps the counts, can set expected later.
+    tally.track(m)
+    assert tally.counts(m).expected == 4
+    tally.track(m, expected=5)
+    assert tally.counts(m).describe() == "delivered to 4 of 5, read by 3"
+
+
+def test_receipt_tally_is_bounded():
+    tally = ReceiptTally(max_messages=2)
+    for n in (1, 2, 3):
+        tally.track(_mid(n))
+    assert len(tally) == 2 and _mid(1) not in tally and _mid(3) in tally
+    assert not tally.add(_receipt(_mid(1), "ben", 1, Receipt.DELIVERED))
+    with pytest.raises(KeyError):
+        tally.counts(_mid(1))
+    assert tally.counts(_mid(2)).describe() == "delivered to 0"
+    tally.forget(_mid(2))
+    tally.forget(_mid(2))
+    assert len(tally) == 1
+    with pytest.raises(ValueError):
+        ReceiptTally(max_messages=0)
+    with pytest.raises(ValueError):
+        tally.track(_mid(4), expected=-1)
 
 
 # ------------------------------------------------------------------ fake relay
@@ -759,3 +847,59 @@ async def test_fake_mark_read_follows_ack_and_close_flushes():
             [14, 5],
             [16, "bob", [b"r" * 16]],
         ]
+
+
+async def test_fake_group_wrappers_send_the_ops_and_check_answers():
+    group = "g." + "c" * 22
+    info = {
+        "group": group,
+        "name": "t",
+        "version": 1,
+        "members": ["alice", "bob"],
+        "admins": ["alice"],
+    }
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def script(conn: FakeConn) -> None:
+        while True:
+            req = await conn.recv_type(20)
+            seen.append((req[2], req[3]))
+            if req[3].get("name") == "broken":
+                await conn.send([21, req[1], True, {"group": group}])
+            elif req[2] == "group.rename":
+                await conn.send([21, req[1], False, {"code": 403, "reason": "admins only"}])
+            else:
+                await conn.send([21, req[1], True, {**info, "extra": 1}])
+
+    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+        with trio.fail_after(5):
+            assert await client.create_group("t", ["bob"]) == info  # only the known fields
+            assert await client.group_info(group) == info
+            await client.add_members(group, ("bob",))
+            await client.remove_members(group, ["bob"])
+            await client.promote(group, ["bob"])
+            await client.demote(group, ["bob"])
+            await client.leave_group(group)
+            with pytest.raises(RequestError) as refused:
+                await client.rename_group(group, "x")
+            assert (refused.value.code, refused.value.reason) == (403, "admins only")
+            with pytest.raises(RequestError, match="malformed answer"):
+                await client.create_group("broken")
+            # Local checks: nothing is written for these.
+            with pytest.raises(ValueError):
+                await client.group_info("g.short")
+            with pytest.raises(ValueError):
+                await client.add_members(group, ["Not A User"])
+            with pytest.raises(TypeError):
+                await client.add_members(group, "bob")
+    assert seen == [
+        ("group.create", {"name": "t", "members": ["bob"]}),
+        ("group.info", {"group": group}),
+        ("group.add", {"group": group, "members": ["bob"]}),
+        ("group.remove", {"group": group, "members": ["bob"]}),
+        ("group.promote", {"group": group, "members": ["bob"]}),
+        ("group.demote", {"group": group, "members": ["bob"]}),
+        ("group.leave", {"group": group}),
+        ("group.rename", {"group": group, "name": "x"}),
+        ("group.create", {"name": "broken", "members": []}),
+    ]

@@ -75,10 +75,10 @@ def _jsonable(value: Any) -> Any:
         return base64.b64encode(bytes(value)).decode("ascii")
     if isinstance(value, dict):
         return {_json_key(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, msgpack.ExtType):  # a namedtuple: before the tuple case
+        return {"ext": value.code, "data": base64.b64encode(value.data).decode("ascii")}
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
-    if isinstance(value, msgpack.ExtType):
-        return {"ext": value.code, "data": base64.b64encode(value.data).decode("ascii")}
     return repr(value)
 
 
@@ -264,12 +264,16 @@ def send_handler(args: argparse.Namespace) -> int:
         identity = _load(args.state)
         payload = encode_text(args.text)
         async with open_client(identity, connect_timeout=args.timeout) as client:
+            try:
+                if args.group is not None:
+                    msg_id, ts = await client.send_group(args.group, payload)
+                else:
+                    msg_id, ts = await client.send(args.to, payload)
+            except SendError as exc:
+                raise _CommandError(f"send: {_describe(exc)}") from None
+            out: dict[str, Any] = {"msg_id": msg_id.hex(), "status": "sent", "ts": ts}
             if args.group is not None:
-                msg_id, ts = await client.send_group(args.group, payload)
-                out = {"msg_id": msg_id.hex(), "status": "sent", "ts": ts, "group": args.group}
-            else:
-                msg_id, ts = await client.send(args.to, payload)
-                out = {"msg_id": msg_id.hex(), "status": "sent", "ts": ts}
+                out["group"] = args.group
             _print_json(out)
 
     return _run(main, args.timeout)
@@ -369,7 +373,7 @@ def group_handler(args: argparse.Namespace) -> int:
             try:
                 info = await action(client, args)
             except RequestError as exc:
-                raise RequestError(exc.code, f"group.{args.action}: {exc.reason}") from None
+                raise _CommandError(f"group {args.action}: {_describe(exc)}") from None
             _print_json(dict(info))
 
     return _run(main, args.timeout)
@@ -395,9 +399,7 @@ def _add_group_commands(
 
     p = action("create", "create a group; you are its first member and admin")
     p.add_argument("--name", required=True, help="group name (1-128 characters)")
-    p.add_argument(
-        "--members", default="", help="the other members, comma-separated: a,b,c"
-    )
+    p.add_argument("--members", default="", help="the other members, comma-separated: a,b,c")
     p = action("info", "show a group's name, version, members and admins")
     p.add_argument("group", help="group id (g.…)")
     p = action("leave", "leave a group")
