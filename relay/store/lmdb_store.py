@@ -129,6 +129,9 @@ class _Shard:
         self.groups = self.env.open_db(b"groups")
         self.bodies = self.env.open_db(b"bodies")
         self.fanout = self.env.open_db(b"fanout")
+        # user -> devices, filled from committed transactions only. Device sets
+        # never change after registration yet; device.link must update it.
+        self.devices: dict[str, dict[int, bytes]] = {}
 
 
 class LmdbStore:
@@ -285,6 +288,8 @@ class LmdbStore:
                         results.append(writer.apply(op))
                     except FrameError as exc:
                         results.append(exc)
+                writer.flush()
+            shard.devices.update(writer.devices_read)
         except lmdb.MapFullError as exc:
             full = StoreFullError(f"store full: {exc}")
             return [full] * len(ops)
@@ -309,6 +314,24 @@ class _WriteTxn:
     def __init__(self, shard: _Shard, txn: lmdb.Transaction) -> None:
         self.shard = shard
         self.txn = txn
+        # Inbox counters touched in this batch, [next_seq, pending] by device
+        # prefix: read once, written once by flush(), however many entries.
+        self.meta: dict[bytes, list[int]] = {}
+        self.devices_read: dict[str, dict[int, bytes]] = {}
+
+    def flush(self) -> None:
+        put = self.txn.put
+        db = self.shard.meta
+        for key, (next_seq, pending) in self.meta.items():
+            put(key, _META.pack(next_seq, pending), db=db)
+
+    def _meta(self, prefix: bytes) -> list[int]:
+        counters = self.meta.get(prefix)
+        if counters is None:
+            raw = self.txn.get(prefix, db=self.shard.meta)
+            counters = [1, 0] if raw is None else list(_META.unpack(raw))
+            self.meta[prefix] = counters
+        return counters
 
     def apply(self, op: WriteOp) -> object:
         if isinstance(op, StoreMessage):
@@ -338,16 +361,23 @@ class _WriteTxn:
         raise TypeError(f"unknown write op {op!r}")
 
     def _devices(self, user: str) -> dict[int, bytes] | None:
+        devices = self.shard.devices.get(user)
+        if devices is not None:
+            return devices
         raw = self.txn.get(user.encode(), db=self.shard.users)
-        return None if raw is None else _decode_user(user, raw).devices
+        if raw is None:
+            return None
+        devices = self.devices_read[user] = _decode_user(user, raw).devices
+        return devices
 
     def _append(self, user: str, device: int, type_: int, count: int, created: int, tail: bytes) -> int:
-        meta_key = device_prefix(user, device)
-        raw = self.txn.get(meta_key, db=self.shard.meta)
-        next_seq, pending = (1, 0) if raw is None else _META.unpack(raw)
-        self.txn.put(meta_key + _U64.pack(next_seq), _entry_value(type_, count, created, tail), db=self.shard.inbox)
-        self.txn.put(meta_key, _META.pack(next_seq + 1, pending + 1), db=self.shard.meta)
-        return next_seq
+        prefix = device_prefix(user, device)
+        counters = self._meta(prefix)
+        seq = counters[0]
+        self.txn.put(prefix + _U64.pack(seq), _entry_value(type_, count, created, tail), db=self.shard.inbox)
+        counters[0] = seq + 1
+        counters[1] += 1
+        return seq
 
     def register(self, op: RegisterUser) -> bool:
         key = op.user.encode()
@@ -408,10 +438,8 @@ class _WriteTxn:
                 if not cursor.delete():
                     break
         if deleted:
-            raw = txn.get(prefix, db=self.shard.meta)
-            if raw is not None:
-                next_seq, pending = _META.unpack(raw)
-                txn.put(prefix, _META.pack(next_seq, max(0, pending - deleted)), db=self.shard.meta)
+            counters = self._meta(prefix)
+            counters[1] = max(0, counters[1] - deleted)
         return deleted
 
     # --- groups -------------------------------------------------------------
@@ -534,10 +562,8 @@ class _WriteTxn:
         else:
             resume = None
         for prefix, count in pending_drop.items():
-            raw = txn.get(prefix, db=self.shard.meta)
-            if raw is not None:
-                next_seq, pending = _META.unpack(raw)
-                txn.put(prefix, _META.pack(next_seq, max(0, pending - count)), db=self.shard.meta)
+            counters = self._meta(prefix)
+            counters[1] = max(0, counters[1] - count)
         if resume is None:
             # Idempotency records live as long as the messages they guard.
             idem = txn.cursor(db=self.shard.idem)
