@@ -401,9 +401,9 @@ def _add_group_commands(
     p.add_argument("--name", required=True, help="group name (1-128 characters)")
     p.add_argument("--members", default="", help="the other members, comma-separated: a,b,c")
     p = action("info", "show a group's name, version, members and admins")
-    p.add_argument("group", help="group id (g.…)")
+    p.add_argument("group", metavar="GROUP", help="group id (g.…)")
     p = action("leave", "leave a group")
-    p.add_argument("group", help="group id (g.…)")
+    p.add_argument("group", metavar="GROUP", help="group id (g.…)")
     for name, help_text in (
         ("add", "add members (admins only)"),
         ("remove", "remove members (admins only)"),
@@ -411,11 +411,11 @@ def _add_group_commands(
         ("demote", "make admins plain members (admins only)"),
     ):
         p = action(name, help_text)
-        p.add_argument("group", help="group id (g.…)")
+        p.add_argument("group", metavar="GROUP", help="group id (g.…)")
         p.add_argument("users", nargs="+", metavar="USER", help="user names")
     p = action("rename", "rename a group (admins only)")
-    p.add_argument("group", help="group id (g.…)")
-    p.add_argument("name", help="new name (1-128 characters)")
+    p.add_argument("group", metavar="GROUP", help="group id (g.…)")
+    p.add_argument("name", metavar="NAME", help="new name (1-128 characters)")
 
 
 # ------------------------------------------------------------------ wiring
