@@ -154,7 +154,8 @@ def test_store_message_idempotent_and_ordered(store):
     assert isinstance(_apply(store, RegisterUser("bob", b"k" * 32, 1)), FrameError)
     op = StoreMessage("alice", 1, b"i" * 16, "bob", {1: b"p1"}, 1000)
     first = _apply(store, op)
-    assert first == Stored(1000, False, (1,))
+    assert (first.ts, first.duplicate, first.devices) == (1000, False, (1,))
+    assert [(d, e.seq) for d, e in first.entries] == [(1, 1)]
     again = _apply(store, StoreMessage("alice", 1, b"i" * 16, "bob", {1: b"other"}, 2000))
     assert again.duplicate and again.ts == 1000
     other_device = _apply(store, StoreMessage("alice", 2, b"i" * 16, "bob", {1: b"p2"}, 3000))
@@ -181,7 +182,8 @@ def test_store_delete_up_to_and_append(store):
     assert _apply(store, DeleteUpTo("bob", 1, 3)) == 3
     assert [e.seq for e in store.read_inbox("bob", 1, 0, 10)] == [4, 5]
     assert store.pending("bob", 1) == 2
-    assert _apply(store, AppendEntries("bob", frames.RECEIPT, 5, [b"", b""], 9)) == (1,)
+    appended = _apply(store, AppendEntries("bob", frames.RECEIPT, 5, [b"", b""], 9))
+    assert appended.devices == (1,) and [e.seq for _, e in appended.entries] == [6, 7]
     assert [e.seq for e in store.read_inbox("bob", 1, 0, 10)] == [4, 5, 6, 7], "seq keeps increasing after deletes"
 
 

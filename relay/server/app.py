@@ -30,7 +30,7 @@ from relay.server.groups import Groups
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
 from relay.server.writer import Callback, GroupCommitWriter
-from relay.store.base import AppendEntries, ExpireEntries, WriteOp, group_of_body
+from relay.store.base import Appended, AppendEntries, ExpireEntries, WriteOp, group_of_body
 from relay.store.lmdb_store import LmdbStore
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,21 @@ class RelayServer:
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a job that must outlive the connection that started it."""
         assert self._nursery is not None
-        self._nursery.start_soon(fn, *args)
+        try:
+            self._nursery.start_soon(fn, *args)
+        except RuntimeError:
+            # The nursery is closed: the relay is stopping and the job is
+            # dropped (every such job is one a restart redoes or can lose).
+            log.debug("dropped %r during shutdown", fn)
 
     def spawn_submit(self, writer: GroupCommitWriter, op: WriteOp, on_done: Callback | None = None) -> None:
         """Submit from a callback (which cannot wait for queue space)."""
-        self.spawn(self._submit_quietly, writer, op, on_done)
+        try:
+            writer.submit_nowait(op, on_done)
+        except trio.WouldBlock:
+            self.spawn(self._submit_quietly, writer, op, on_done)
+        except trio.ClosedResourceError:
+            pass  # shutting down: acked entries are then redelivered next time
 
     async def _submit_quietly(self, writer: GroupCommitWriter, op: WriteOp, on_done: Callback | None) -> None:
         # Shutting down: the acked entries are then redelivered next time.
@@ -93,8 +103,8 @@ class RelayServer:
 
         def committed(user: str, result: object) -> None:
             nonlocal remaining
-            if isinstance(result, tuple) and result:
-                self.router.wake(user, result)
+            if isinstance(result, Appended):
+                self.router.deliver(user, result.entries)
             remaining -= 1
             if remaining == 0:
                 done.set()

@@ -61,6 +61,7 @@ from relay.server.clock import now_ms
 from relay.store.base import (
     ENTRY_MSG,
     ENTRY_MSG_REF,
+    Appended,
     AppendEntries,
     DeleteUpTo,
     InboxEntry,
@@ -120,6 +121,7 @@ class Connection:
         self._peer_closed = False
         self._ready = False
         self._inbox_dirty = False
+        self._offered: list[InboxEntry] = []
         self._sends_in_flight = 0
         self._sends_changed = trio.Event()
         self._read_scope = trio.CancelScope()
@@ -132,6 +134,16 @@ class Connection:
     def wake(self) -> None:
         """The inbox has new entries (or the window has room): let the pump look."""
         self._inbox_dirty = True
+        self._wake.set()
+
+    def offer(self, entry: InboxEntry) -> None:
+        """A committed entry for this device, handed over from memory: the pump
+        sends it without reading the inbox when it is the next seq due."""
+        offered = self._offered
+        if len(offered) >= self.window.size:
+            self._inbox_dirty = True
+        else:
+            offered.append(entry)
         self._wake.set()
 
     def push_ephemeral(self, frame: bytes) -> bool:
@@ -372,7 +384,7 @@ class Connection:
             if isinstance(result, Stored):
                 self.queue_sent(event.msg_id, result.ts)
                 if not result.duplicate:
-                    self.server.router.wake(to, result.devices)
+                    self.server.router.deliver(to, result.entries)
             elif isinstance(result, FrameError):
                 self.queue_error(result)
             elif isinstance(result, StoreFullError):
@@ -452,8 +464,8 @@ class Connection:
         def receipt_done(sender: str, result: object) -> None:
             nonlocal remaining
             remaining -= 1
-            if isinstance(result, tuple) and result:
-                server.router.wake(sender, result)
+            if isinstance(result, Appended):
+                server.router.deliver(sender, result.entries)
             if remaining == 0:
                 server.spawn_submit(delete_writer, delete, deleted)
 
@@ -472,8 +484,8 @@ class Connection:
         writer = server.writer_for(event.sender)
 
         def done(result: object) -> None:
-            if isinstance(result, tuple) and result:
-                server.router.wake(event.sender, result)
+            if isinstance(result, Appended):
+                server.router.deliver(event.sender, result.entries)
 
         tails = [frames.receipt_tail(m, self.user, self.device, frames.RECEIPT_READ, now) for m in event.msg_ids]
         if tails:
@@ -531,22 +543,39 @@ class Connection:
                 if self._signals:
                     batch.extend(self._signals)
                     self._signals = []
+                entries: list[InboxEntry] = []
+                if self._offered:
+                    offered = self._offered
+                    self._offered = []
+                    if self._ready and not self._inbox_dirty and not self._closing:
+                        # Live entries skip the read when they follow on from
+                        # what was pushed; anything else falls back to a read.
+                        room = window.capacity()
+                        for entry in offered:
+                            if entry.seq <= window.last_pushed:
+                                continue
+                            if entry.seq != window.last_pushed + 1 + len(entries) or len(entries) >= room:
+                                self._inbox_dirty = True
+                                break
+                            entries.append(entry)
                 if self._ready and self._inbox_dirty and not self._closing:
-                    room = window.capacity()
+                    room = window.capacity() - len(entries)
                     if room > 0:
                         self._inbox_dirty = False
                         assert self.user is not None and self.device is not None
-                        entries = store.read_inbox(self.user, self.device, window.last_pushed, room)
-                        if len(entries) == room:
+                        after = entries[-1].seq if entries else window.last_pushed
+                        more = store.read_inbox(self.user, self.device, after, room)
+                        if len(more) == room:
                             self._inbox_dirty = True
-                        for entry in entries:
-                            # A reference whose body expired has nothing to send;
-                            # it counts as pushed so a later ACK covers it.
-                            if entry.type != ENTRY_MSG_REF:
-                                batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
-                            if entry.type == ENTRY_MSG or entry.body_key is not None:
-                                pushed.append(entry)
-                            window.pushed(entry.seq)
+                        entries.extend(more)
+                for entry in entries:
+                    # A reference whose body expired has nothing to send;
+                    # it counts as pushed so a later ACK covers it.
+                    if entry.type != ENTRY_MSG_REF:
+                        batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
+                    if entry.type == ENTRY_MSG or entry.body_key is not None:
+                        pushed.append(entry)
+                    window.pushed(entry.seq)
                 if batch:
                     # Several frames per WebSocket message, within the limits
                     # a client must accept (one frame alone may be larger).

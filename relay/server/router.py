@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from relay.store.base import InboxEntry
+
 
 class Routable(Protocol):
     user: str | None
     device: int | None
 
     def wake(self) -> None: ...
+
+    def offer(self, entry: InboxEntry) -> None: ...
 
     def push_ephemeral(self, frame: bytes) -> bool: ...
 
@@ -57,6 +61,16 @@ class Router:
             target = online.get(device)
             if target is not None:
                 target.wake()
+
+    def deliver(self, user: str, entries: tuple[tuple[int, InboxEntry], ...]) -> None:
+        """Entries just committed for ``user``: hand each to its device's pump, if online."""
+        online = self._online.get(user)
+        if not online:
+            return
+        for device, entry in entries:
+            conn = online.get(device)
+            if conn is not None:
+                conn.offer(entry)
 
     def devices_online(self, user: str) -> list[Routable]:
         return list(self._online.get(user, {}).values())

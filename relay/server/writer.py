@@ -46,6 +46,11 @@ class GroupCommitWriter:
         except trio.WouldBlock:
             await self._send.send((op, on_done))
 
+    def submit_nowait(self, op: WriteOp, on_done: Callback | None = None) -> None:
+        """Queue ``op`` if there is room; raises ``trio.WouldBlock`` when full and
+        ``trio.ClosedResourceError`` once the relay is shutting down."""
+        self._send.send_nowait((op, on_done))
+
     async def call(self, op: WriteOp) -> object:
         """Submit ``op`` and wait for its committed result (or exception, returned)."""
         done = trio.Event()

@@ -93,15 +93,29 @@ class Stored:
     ts: int
     duplicate: bool
     devices: tuple[int, ...]
+    # The new inbox entries as (device, entry): the server hands them to an
+    # online recipient's pump from memory instead of reading them back.
+    entries: tuple[tuple[int, InboxEntry], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Result of AppendEntries: what was appended, (device, entry) in order."""
+
+    entries: tuple[tuple[int, InboxEntry], ...]
+
+    @property
+    def devices(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys(d for d, _ in self.entries))
 
 
 @dataclass(slots=True)
 class AppendEntries:
     """Receipts or events for the devices of one user: each of ``tails``, in
-    order, into each device's inbox. Result: the devices that got them.
+    order, into each device's inbox. Result: :class:`Appended`.
 
     ``devices`` None means every registered device of ``user`` except
-    ``skip_device``; unknown users get nothing (result ``()``).
+    ``skip_device``; unknown users get nothing (no entries).
     """
 
     user: str

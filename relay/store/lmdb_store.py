@@ -50,6 +50,7 @@ from relay.protocol.groups import GroupInfo, apply_change
 from relay.store.base import (
     ENTRY_MSG,
     ENTRY_MSG_REF,
+    Appended,
     AppendEntries,
     ChangeGroup,
     CompleteGroupMessage,
@@ -370,14 +371,14 @@ class _WriteTxn:
         devices = self.devices_read[user] = _decode_user(user, raw).devices
         return devices
 
-    def _append(self, user: str, device: int, type_: int, count: int, created: int, tail: bytes) -> int:
+    def _append(self, user: str, device: int, type_: int, count: int, created: int, tail: bytes) -> InboxEntry:
         prefix = device_prefix(user, device)
         counters = self._meta(prefix)
         seq = counters[0]
         self.txn.put(prefix + _U64.pack(seq), _entry_value(type_, count, created, tail), db=self.shard.inbox)
         counters[0] = seq + 1
         counters[1] += 1
-        return seq
+        return InboxEntry(seq, type_, count, created, tail)
 
     def register(self, op: RegisterUser) -> bool:
         key = op.user.encode()
@@ -403,25 +404,29 @@ class _WriteTxn:
             missing = sorted(expected - set(op.payloads))
             extra = sorted(set(op.payloads) - expected)
             raise FrameError(CONFLICT, f"missing {missing}; extra {extra}", ref=op.msg_id)
-        for device, payload in op.payloads.items():
-            tail = msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)
-            self._append(op.to, device, ENTRY_MSG, MSG_FIELDS, op.ts, tail)
+        entries = tuple(
+            (device, self._append(op.to, device, ENTRY_MSG, MSG_FIELDS, op.ts, msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)))
+            for device, payload in op.payloads.items()
+        )
         self.txn.put(idem_key, _U64.pack(op.ts), db=self.shard.idem)
-        return Stored(op.ts, False, tuple(op.payloads))
+        return Stored(op.ts, False, tuple(op.payloads), entries)
 
-    def append_entries(self, op: AppendEntries) -> tuple[int, ...]:
+    def append_entries(self, op: AppendEntries) -> Appended:
         devices: tuple[int, ...]
         if op.devices is None:
             known = self._devices(op.user)
             if known is None:
-                return ()
+                return Appended(())
             devices = tuple(d for d in known if d != op.skip_device)
         else:
             devices = op.devices
-        for device in devices:
-            for tail in op.tails:
-                self._append(op.user, device, op.type, op.count, op.created, tail)
-        return devices
+        return Appended(
+            tuple(
+                (device, self._append(op.user, device, op.type, op.count, op.created, tail))
+                for device in devices
+                for tail in op.tails
+            )
+        )
 
     def delete_up_to(self, user: str, device: int, seq: int) -> int:
         prefix = device_prefix(user, device)
