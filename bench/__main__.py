@@ -75,7 +75,8 @@ def run_target(module: Any, running: Running, args: argparse.Namespace) -> dict[
             if tail:
                 result["relay_log_tail"] = tail
         return result
-    result.update(ok=True, **figures)
+    result["ok"] = True
+    result.update(figures)  # a scenario may report ok=False with its figures
     if not running.alive():
         result["ok"] = False
         result["error"] = "relay exited during the run"

@@ -145,16 +145,21 @@ class Engine:
         deadline: float,
         tick: Callable[[float], float | None],
         max_wait: float = 0.05,
-    ) -> None:
-        """Poll until ``time.monotonic() >= deadline``. ``tick(now)`` runs before each
-        poll and returns how long the loop may sleep (``None`` = ``max_wait``)."""
+        until: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Poll until ``time.monotonic() >= deadline`` (returns False) or until
+        ``until()`` is true (checked before each poll; returns True). ``tick(now)``
+        runs before each poll and returns how long the loop may sleep (``None`` =
+        ``max_wait``)."""
         conns = self.conns
         poll = self.ep.poll
         monotonic = time.monotonic
         while True:
+            if until is not None and until():
+                return True
             now = monotonic()
             if now >= deadline:
-                return
+                return False
             wait = tick(now)
             if wait is None or wait > max_wait:
                 wait = max_wait

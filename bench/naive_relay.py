@@ -2,8 +2,10 @@
 in-memory dicts, no durability, no flow window.
 
 It implements just enough of PROTOCOL.md for the bench scenarios: HELLO,
-REGISTER, AUTH, READY, SEND → SENT, MSG, ACK → RECEIPT (status 1), ERROR for
-anything else. It is what a careful but straightforward first version of the
+REGISTER, AUTH, READY, SEND → SENT, MSG, ACK → RECEIPT (status 1), REQ
+``group.create`` (EVENT ``group.changed`` to every member) and SEND_GROUP
+(one MSG per member device, each a copy: there is no store to share a body
+in), ERROR for anything else. It is what a careful but straightforward first version of the
 relay would look like, and the yardstick the real relay is compared with.
 
     python -m bench.naive_relay --port 0      # prints "listening ws://HOST:PORT/v1"
@@ -12,6 +14,7 @@ relay would look like, and the yardstick the real relay is compared with.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import os
 import re
@@ -32,7 +35,8 @@ MAX_MESSAGE = 1 << 20
 MAX_FRAMES = 1024
 
 HELLO, AUTH, REGISTER, READY, ERROR = 0, 1, 2, 3, 4
-SEND, SENT, MSG, ACK, RECEIPT = 10, 12, 13, 14, 15
+SEND, SEND_GROUP, SENT, MSG, ACK, RECEIPT = 10, 11, 12, 13, 14, 15
+REQ, RES, EVENT = 20, 21, 22
 
 
 def now_ms() -> int:
@@ -69,6 +73,7 @@ class State:
         self.devices: dict[tuple[str, int], Device] = {}
         self.users: dict[str, list[int]] = {}
         self.sent: dict[tuple[str, int, bytes], int] = {}
+        self.groups: dict[str, dict[str, Any]] = {}
 
     def deposit(self, owner: tuple[str, int], frame_tail: list[Any], kind: int, **extra: Any) -> Entry:
         dev = self.devices[owner]
@@ -158,8 +163,9 @@ async def handshake(state: State, ws: WebSocketConnection) -> Conn | None:
         if old is not None:
             await old.ws.aclose(4409, "connected elsewhere")
         await ws.send_message(msgpack.packb([READY, user, device, len(dev.inbox)]))
-        if dev.inbox:
-            await ws.send_message(b"".join(e.frame for e in dev.inbox.values()))
+        waiting = [e.frame for e in dev.inbox.values()]
+        for i in range(0, len(waiting), MAX_FRAMES):  # the client's limits: ≤ 1024 frames per message
+            await ws.send_message(b"".join(waiting[i : i + MAX_FRAMES]))
         return conn
     await ws.aclose(1008)
     return None
@@ -190,6 +196,10 @@ async def serve(state: State, conn: Conn) -> None:
             kind = frame[0]
             if kind == SEND and len(frame) == 4:
                 handle_send(state, me, frame, replies, pushes)
+            elif kind == SEND_GROUP and len(frame) == 4:
+                handle_send_group(state, me, frame, replies, pushes)
+            elif kind == REQ and len(frame) == 4:
+                handle_req(state, me, frame, replies, pushes)
             elif kind == ACK and len(frame) == 2 and isinstance(frame[1], int):
                 handle_ack(state, me, frame[1], pushes)
             else:
@@ -234,6 +244,72 @@ def handle_send(
             owner, [msg_id, me[0], me[1], None, ts, payload], MSG, receipt_to=me, msg_id=msg_id
         )
         pushes.setdefault(owner, []).append(entry.frame)
+    state.sent[key] = ts
+    replies.append(msgpack.packb([SENT, msg_id, ts]))
+
+
+def handle_req(
+    state: State,
+    me: tuple[str, int],
+    frame: list[Any],
+    replies: list[bytes],
+    pushes: dict[tuple[str, int], list[bytes]],
+) -> None:
+    """Only ``group.create {name, members}``; the creator is a member and the admin."""
+    _, req_id, op, args = frame
+    if op != "group.create" or not isinstance(args, dict):
+        replies.append(msgpack.packb([RES, req_id, False, {"code": 400, "reason": f"op {op!r} not supported"}]))
+        return
+    others = args.get("members")
+    name = args.get("name")
+    if not isinstance(others, list) or not all(isinstance(u, str) for u in others) or not isinstance(name, str):
+        replies.append(msgpack.packb([RES, req_id, False, {"code": 400, "reason": "bad args"}]))
+        return
+    unknown = [u for u in others if u not in state.users]
+    if unknown:
+        replies.append(msgpack.packb([RES, req_id, False, {"code": 404, "reason": f"no such user {unknown[0]}"}]))
+        return
+    members = list(dict.fromkeys([me[0], *others]))
+    group = "g." + base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+    info = {"group": group, "name": name, "version": 1, "members": members, "admins": [me[0]]}
+    state.groups[group] = info
+    ts = now_ms()
+    body = dict(info, actor=me[0])
+    for user in members:
+        for device in state.users[user]:
+            entry = state.deposit((user, device), ["group.changed", body, ts], EVENT)
+            pushes.setdefault((user, device), []).append(entry.frame)
+    replies.append(msgpack.packb([RES, req_id, True, info]))
+
+
+def handle_send_group(
+    state: State,
+    me: tuple[str, int],
+    frame: list[Any],
+    replies: list[bytes],
+    pushes: dict[tuple[str, int], list[bytes]],
+) -> None:
+    _, msg_id, group, payload = frame
+    if not isinstance(msg_id, bytes) or len(msg_id) != 16 or not isinstance(group, str) or not isinstance(payload, bytes):
+        replies.append(error(msg_id if isinstance(msg_id, bytes) else SEND_GROUP, 400, "malformed SEND_GROUP"))
+        return
+    key = (me[0], me[1], msg_id)
+    if key in state.sent:
+        replies.append(msgpack.packb([SENT, msg_id, state.sent[key]]))
+        return
+    info = state.groups.get(group)
+    if info is None or me[0] not in info["members"]:
+        replies.append(error(msg_id, 403, "not a member of that group"))
+        return
+    ts = now_ms()
+    tail = [msg_id, me[0], me[1], group, ts, payload]
+    for user in info["members"]:
+        for device in state.users[user]:
+            owner = (user, device)
+            if owner == me:
+                continue
+            entry = state.deposit(owner, tail, MSG, receipt_to=me, msg_id=msg_id)
+            pushes.setdefault(owner, []).append(entry.frame)
     state.sent[key] = ts
     replies.append(msgpack.packb([SENT, msg_id, ts]))
 

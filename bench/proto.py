@@ -70,8 +70,15 @@ class Session:
     """Frames that arrived after READY during the handshake (handled by the engine)."""
 
 
-def new_unpacker() -> msgpack.Unpacker:
-    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=4 << 20)
+def new_unpacker(read_size: int = 0) -> msgpack.Unpacker:
+    """``read_size`` is the initial buffer (msgpack's default is 1 MiB per
+    unpacker, which thousands of idle connections do not need)."""
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=4 << 20, read_size=read_size)
+
+
+def req_frame(req_id: int, op: str, args: dict[str, Any]) -> bytes:
+    """``[20, req_id, op, args]`` (PROTOCOL.md, Control requests)."""
+    return msgpack.packb([REQ, req_id, op, args])
 
 
 def _read_frames(sock: socket.socket, parser: ServerFrameParser, unpacker: msgpack.Unpacker, deadline: float) -> list[Any]:
@@ -116,9 +123,9 @@ class PendingHandshake:
     early: list[Any] = field(default_factory=list)
 
 
-def open_connection(url: str, user: str, key: SigningKey, timeout: float) -> PendingHandshake:
+def open_connection(url: str, user: str, key: SigningKey, timeout: float, read_size: int = 0) -> PendingHandshake:
     sock, rest = connect(url, timeout=timeout)
-    hs = PendingHandshake(sock, ServerFrameParser(), new_unpacker(), user, key)
+    hs = PendingHandshake(sock, ServerFrameParser(), new_unpacker(read_size), user, key)
     if rest:
         for op, payload in hs.parser.feed(rest):
             if op == OP_BINARY:
@@ -133,22 +140,28 @@ def _next_frame(hs: PendingHandshake, deadline: float) -> Any:
     return hs.early.pop(0)
 
 
-def send_auth(hs: PendingHandshake, register: bool, deadline: float, device: int = 1, token: str | None = None) -> None:
-    """Read HELLO, answer REGISTER (new account) or AUTH."""
-    hello = _next_frame(hs, deadline)
+def auth_frame(
+    hello: Any, user: str, key: SigningKey, register: bool, device: int = 1, token: str | None = None
+) -> bytes:
+    """The REGISTER or AUTH frame answering ``hello`` (checked here)."""
     if not isinstance(hello, list) or len(hello) < 5 or hello[0] != HELLO:
         raise SessionError(f"expected HELLO, got {hello!r:.200}")
     if hello[1] != 1:
         raise SessionError(f"unsupported protocol version {hello[1]!r}")
-    hs.hello = hello
     server_name, challenge = hello[2], hello[3]
-    sig = auth_signature(hs.key, server_name, challenge)
+    sig = auth_signature(key, server_name, challenge)
     if register:
-        frame = [REGISTER, hs.user, bytes(hs.key.verify_key), sig, token]
-    else:
-        frame = [AUTH, hs.user, device, sig]
+        return msgpack.packb([REGISTER, user, bytes(key.verify_key), sig, token])
+    return msgpack.packb([AUTH, user, device, sig])
+
+
+def send_auth(hs: PendingHandshake, register: bool, deadline: float, device: int = 1, token: str | None = None) -> None:
+    """Read HELLO, answer REGISTER (new account) or AUTH."""
+    hello = _next_frame(hs, deadline)
+    frame = auth_frame(hello, hs.user, hs.key, register, device, token)
+    hs.hello = hello
     hs.sock.settimeout(max(0.001, deadline - time.monotonic()))
-    hs.sock.sendall(encode_binary(msgpack.packb(frame)))
+    hs.sock.sendall(encode_binary(frame))
 
 
 def finish_auth(hs: PendingHandshake, deadline: float) -> Session:
@@ -162,16 +175,24 @@ def finish_auth(hs: PendingHandshake, deadline: float) -> Session:
 
 
 def open_sessions(
-    url: str, users: list[str], register: bool = True, timeout: float = 30.0, token: str | None = None
+    url: str,
+    users: list[str],
+    register: bool = True,
+    timeout: float = 30.0,
+    token: str | None = None,
+    keys: list[SigningKey] | None = None,
+    read_size: int = 0,
 ) -> list[Session]:
     """Authenticate many users, pipelined in three phases (connect all, answer all
     HELLOs, collect all READYs) so a relay that group-commits registrations
-    is not forced into one commit per user. Everything opened is closed on error."""
+    is not forced into one commit per user. ``keys`` (one per user) for AUTH
+    of existing users; fresh keys by default. Everything opened is closed on error."""
     deadline = time.monotonic() + timeout
     pending: list[PendingHandshake] = []
     try:
-        for user in users:
-            pending.append(open_connection(url, user, SigningKey.generate(), timeout))
+        for i, user in enumerate(users):
+            key = keys[i] if keys is not None else SigningKey.generate()
+            pending.append(open_connection(url, user, key, timeout, read_size))
         for hs in pending:
             send_auth(hs, register, deadline, token=token)
         return [finish_auth(hs, deadline) for hs in pending]

@@ -21,6 +21,7 @@ from types import ModuleType
 SCENARIOS: dict[str, str] = {
     "pairs": "bench.scenarios.pairs",
     "latency": "bench.scenarios.latency",
+    "fanout": "bench.scenarios.fanout",
 }
 
 

@@ -140,3 +140,52 @@ class PairsHarness:
 
     def close(self) -> None:
         self.engine.close()
+
+
+class Guard:
+    """Stall and liveness checks for a loop: ``progress()`` returns anything that
+    changes while work gets done; no change for ``stall_timeout`` seconds, or the
+    relay process gone, raises. Checked at most every 0.5 s."""
+
+    def __init__(
+        self,
+        progress: Callable[[], object],
+        stall_timeout: float,
+        alive: Callable[[], bool] | None,
+        what: Callable[[], str],
+    ) -> None:
+        self.progress = progress
+        self.stall_timeout = stall_timeout
+        self.alive = alive
+        self.what = what
+        self.last = progress()
+        self.since = time.monotonic()
+        self.next = self.since + 0.5
+
+    def reset(self) -> None:
+        self.last = self.progress()
+        self.since = time.monotonic()
+
+    def check(self, now: float) -> None:
+        if now < self.next:
+            return
+        self.next = now + 0.5
+        current = self.progress()
+        if current != self.last:
+            self.last = current
+            self.since = now
+        elif now - self.since > self.stall_timeout:
+            raise StallError(f"no progress for {self.stall_timeout:.0f} s ({self.what()})")
+        if self.alive is not None and not self.alive():
+            raise ConnectionLost("the relay process exited during the run")
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 100:.0f}%"
+
+
+def ms(d: dict[str, Any] | None, *keys: str) -> str:
+    """'p50 / p99' style cell from a :func:`bench.stats.summarize_ns` result."""
+    if not d:
+        return "n/a"
+    return " / ".join("n/a" if d.get(k) is None else f"{d[k]:g}" for k in keys)
