@@ -200,3 +200,15 @@ def open_sessions(
         for hs in pending:
             hs.sock.close()
         raise
+
+
+def close_sessions(sessions: list[Session]) -> None:
+    """Close frame (1000) and close, without waiting for the relay's answer."""
+    frame = encode_control(OP_CLOSE, (1000).to_bytes(2, "big"))
+    for s in sessions:
+        try:
+            s.sock.setblocking(False)
+            s.sock.send(frame)
+        except OSError:
+            pass
+        s.sock.close()

@@ -22,6 +22,7 @@ SCENARIOS: dict[str, str] = {
     "pairs": "bench.scenarios.pairs",
     "latency": "bench.scenarios.latency",
     "fanout": "bench.scenarios.fanout",
+    "drain": "bench.scenarios.drain",
 }
 
 
