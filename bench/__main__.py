@@ -25,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name in scenarios.SCENARIOS:
         module = scenarios.load(name)
         p = sub.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        default_targets = getattr(module, "DEFAULT_TARGETS", ",".join(TARGETS))
         p.add_argument(
             "--targets",
-            default=",".join(TARGETS),
-            help=f"comma-separated subset of {','.join(TARGETS)} (default: all, in that order)",
+            default=default_targets,
+            help=f"comma-separated subset of {','.join(TARGETS)} (default: {default_targets}, in that order)",
         )
         p.add_argument("--url", help="ws://HOST:PORT/v1 of a running relay (instead of spawning targets)")
         p.add_argument("--relay-pid", type=int, help="with --url: PID of that relay, to measure its CPU share")
@@ -67,7 +68,10 @@ def ratios(results: list[dict[str, Any]], key: str) -> dict[str, float]:
 def run_target(module: Any, running: Running, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = running.describe()
     try:
-        figures = module.run(running.url, running.pid, args, alive=running.alive)
+        if getattr(module, "WANTS_RUNNING", False):  # e.g. restart: stops and relaunches the relay
+            figures = module.run(running.url, running.pid, args, alive=running.alive, running=running)
+        else:
+            figures = module.run(running.url, running.pid, args, alive=running.alive)
     except Exception as exc:  # one target failing must not lose the others' figures
         result.update(ok=False, error=f"{type(exc).__name__}: {exc}")
         if not running.alive() or running.proc is not None:

@@ -212,3 +212,11 @@ def close_sessions(sessions: list[Session]) -> None:
         except OSError:
             pass
         s.sock.close()
+
+
+def next_frames(session: Session, deadline: float) -> list[Any]:
+    """Frames that arrived with READY, else block for the next read's frames."""
+    if session.early:
+        frames, session.early = session.early, []
+        return frames
+    return _read_frames(session.sock, session.parser, session.unpacker, deadline)

@@ -50,6 +50,7 @@ class Running:
     command: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     git: str | None = None
+    core: int | None = None
 
     def alive(self) -> bool:
         return self.proc is None or self.proc.poll() is None
@@ -120,22 +121,9 @@ def spawn(name: str, sync: str, core: int | None, start_timeout: float = 60.0, h
     data_dir.mkdir()
     env = _env(name)
     cmd = command_for(name, data_dir, sync, host)
-    stdout = open(base / "stdout.log", "wb")  # noqa: SIM115 -- handed to the child
-    stderr = open(base / "stderr.log", "wb")  # noqa: SIM115
-    preexec = None
-    if core is not None:
-        def preexec() -> None:
-            os.sched_setaffinity(0, {core})
-    try:
-        proc = subprocess.Popen(
-            cmd, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL,
-            stdout=stdout, stderr=stderr, preexec_fn=preexec, start_new_session=True,
-        )
-    finally:
-        stdout.close()
-        stderr.close()
+    proc = _popen(cmd, env, base, core, "wb")
     # The tree may change between rounds (other people commit): record what this run started from.
-    running = Running(name, "", proc.pid, proc, data_dir, command=cmd, git=git_revision())
+    running = Running(name, "", proc.pid, proc, data_dir, command=cmd, git=git_revision(), core=core)
     try:
         if name in ("fast", "pure"):
             running.implementation = fastpath_implementation(env)
@@ -165,6 +153,66 @@ def spawn(name: str, sync: str, core: int | None, start_timeout: float = 60.0, h
     except BaseException:
         stop(running)
         raise
+
+
+def _popen(cmd: list[str], env: dict[str, str], base: Path, core: int | None, mode: str) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` with its output in ``base/stdout.log`` and ``stderr.log``."""
+    stdout = open(base / "stdout.log", mode)  # noqa: SIM115 -- handed to the child
+    stderr = open(base / "stderr.log", mode)  # noqa: SIM115
+    preexec = None
+    if core is not None:
+        def preexec() -> None:
+            os.sched_setaffinity(0, {core})
+    try:
+        return subprocess.Popen(
+            cmd, cwd=str(REPO_ROOT), env=env, stdin=subprocess.DEVNULL,
+            stdout=stdout, stderr=stderr, preexec_fn=preexec, start_new_session=True,
+        )
+    finally:
+        stdout.close()
+        stderr.close()
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
+
+
+def stop_process(running: Running, grace: float = 10.0) -> tuple[int | None, float]:
+    """SIGTERM the spawned relay and wait (SIGKILL after ``grace``), keeping its
+    data directory. Returns (exit code, seconds it took)."""
+    proc = running.proc
+    if proc is None:
+        raise TargetError(f"{running.name}: not a relay this bench started")
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            running.notes.append(f"did not exit within {grace:.0f} s of SIGTERM; killed")
+            proc.kill()
+            proc.wait(timeout=grace)
+    return proc.returncode, time.monotonic() - t0
+
+
+def relaunch(running: Running) -> tuple[float, int]:
+    """Start the stopped relay again: same command, same data directory, same
+    port (so a client can connect in a loop), same core. Returns (the
+    ``time.monotonic()`` just before the process was created, the stdout log
+    offset where this run's output starts). Does not wait for anything."""
+    if running.data_dir is None or running.proc is None or running.proc.poll() is None:
+        raise TargetError(f"{running.name}: relaunch needs a spawned relay that has exited")
+    cmd = list(running.command)
+    cmd[cmd.index("--port") + 1] = str(port_of(running.url))
+    base = running.data_dir.parent
+    log = base / "stdout.log"
+    offset = log.stat().st_size if log.exists() else 0
+    env = _env(running.name)
+    t0 = time.monotonic()
+    proc = _popen(cmd, env, base, running.core, "ab")
+    running.proc = proc
+    running.pid = proc.pid
+    return t0, offset
 
 
 def stop(running: Running, grace: float = 5.0) -> int | None:

@@ -23,6 +23,7 @@ SCENARIOS: dict[str, str] = {
     "latency": "bench.scenarios.latency",
     "fanout": "bench.scenarios.fanout",
     "drain": "bench.scenarios.drain",
+    "restart": "bench.scenarios.restart",
 }
 
 
