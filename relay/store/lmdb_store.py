@@ -6,6 +6,7 @@ Layout of one shard (named databases):
 ``inbox``  user NUL device(1) seq(8, big-endian) -> type(1) count(1) created(8) tail
 ``meta``   user NUL device(1) -> next_seq(8) pending(8)
 ``idem``   to_user NUL sender NUL sender_device(1) msg_id(16) -> ts(8)
+           NUL body_key -> ts(8)   (group's shard: a group message whose body is gone)
 ``groups`` group -> msgpack ``[name, version, members, admins, created]``
 ``bodies`` body_key -> refs(8, signed) created(8) complete(1) tail   (group's shard)
 ``fanout`` body_key -> refs(8) created(8)   (member shards: this shard's fan-out is done)
@@ -90,6 +91,12 @@ def device_prefix(user: str, device: int) -> bytes:
 
 def inbox_key(user: str, device: int, seq: int) -> bytes:
     return device_prefix(user, device) + _U64.pack(seq)
+
+
+def _sent_group_key(body_key: bytes) -> bytes:
+    """``idem`` key of a group message: user names never start with NUL, so it
+    never meets a SEND's ``to_user NUL ...`` key."""
+    return b"\x00" + body_key
 
 
 def _entry_value(type_: int, count: int, created: int, tail: bytes) -> bytes:
@@ -485,6 +492,10 @@ class _WriteTxn:
             _refs, created, complete = _BODY_HEAD.unpack_from(raw)
             members = () if complete or found is None else found[0].members
             return GroupPrepared(key, created, bool(complete), members)
+        done = self.txn.get(_sent_group_key(key), db=self.shard.idem)
+        if done is not None:
+            # Delivered and acked by everyone: a retry gets the original SENT.
+            return GroupPrepared(key, _U64.unpack(done)[0], True, ())
         if found is None:
             raise FrameError(NOT_FOUND, f"no such group {op.group}", ref=op.msg_id)
         info = found[0]
@@ -519,10 +530,16 @@ class _WriteTxn:
         refs, created, _complete = _BODY_HEAD.unpack_from(raw)
         refs += op.refs
         if refs <= 0:
-            self.txn.delete(op.body_key, db=self.shard.bodies)
+            self._drop_body(op.body_key, created)
         else:
             self.txn.put(op.body_key, _BODY_HEAD.pack(refs, created, 1) + raw[_BODY_HEAD.size :], db=self.shard.bodies)
         return True
+
+    def _drop_body(self, key: bytes, created: int) -> None:
+        """Delete a complete body whose last reference is gone, keeping its
+        idempotency record (swept with the retention period like a SEND's)."""
+        self.txn.delete(key, db=self.shard.bodies)
+        self.txn.put(_sent_group_key(key), _U64.pack(created), db=self.shard.idem)
 
     def release_bodies(self, op: ReleaseBodies) -> int:
         deleted = 0
@@ -533,7 +550,7 @@ class _WriteTxn:
             refs, created, complete = _BODY_HEAD.unpack_from(raw)
             refs -= count
             if complete and refs <= 0:
-                self.txn.delete(key, db=self.shard.bodies)
+                self._drop_body(key, created)
                 deleted += 1
             else:
                 # Incomplete: the fan-out's CompleteGroupMessage adds its refs later.
