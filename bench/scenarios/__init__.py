@@ -4,13 +4,15 @@
 * ``HEADLINE: tuple[str, str]`` -- (result key, unit) compared across targets
   in ``ratios`` (higher is better);
 * ``add_arguments(parser)`` -- its own options;
-* ``run(url, relay_pid, args) -> dict`` -- one target, JSON-ready figures;
+* ``run(url, relay_pid, args, alive=None) -> dict`` -- one target, JSON-ready
+  figures (``ok=False`` with ``error`` keeps the figures of a partial run);
 * ``table(result) -> list[tuple[str, str]]`` -- readable (label, value) rows;
 * optionally ``median_by(result) -> float`` -- which round ``--repeat`` reports
   (default: the median headline).
 
-Add ``idle``, ``drain``, ``fanout``, ``restart`` as modules here and list them
-in :data:`SCENARIOS`.
+Optional: ``DEFAULT_TARGETS`` (e.g. ``"fast,pure"``) and ``WANTS_RUNNING = True``
+(``run`` then also gets ``running=``, the :class:`bench.targets.Running`, for
+scenarios that stop and relaunch the relay).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ SCENARIOS: dict[str, str] = {
     "fanout": "bench.scenarios.fanout",
     "drain": "bench.scenarios.drain",
     "restart": "bench.scenarios.restart",
+    "idle": "bench.scenarios.idle",
 }
 
 
