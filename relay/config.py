@@ -31,6 +31,9 @@ class Settings:
     max_message_bytes: int = 1 << 20
     max_frames_per_message: int = 1024
     idle_timeout_s: float = 120.0
+    # An idle authenticated connection is parked (no task, no buffer) after
+    # this long without input; 0 never parks.
+    park_after_s: float = 2.0
     handshake_timeout_s: float = 10.0
     window: int = 256
     max_group_members: int = 1024
@@ -67,6 +70,8 @@ class Settings:
             raise ConfigError("max_message_bytes must be at least 1024")
         if self.fastpath not in (None, "cython", "pure"):
             raise ConfigError("fastpath must be 'cython' or 'pure'")
+        if self.park_after_s < 0:
+            raise ConfigError("park_after_s must be 0 (never park) or positive")
         for name in ("idle_timeout_s", "handshake_timeout_s", "retention_s", "sweep_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

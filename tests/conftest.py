@@ -22,7 +22,10 @@ def fastpath_name(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def settings(tmp_path: Path, fastpath_name: str) -> Settings:
-    return Settings(port=0, data=str(tmp_path / "data"), fastpath=fastpath_name, shards=2)
+    # RELAY_TEST_PARK_AFTER_S=0.01 runs the suite with connections parked as
+    # soon as they are idle, to shake out hand-over races.
+    park_after = float(os.environ.get("RELAY_TEST_PARK_AFTER_S", "2.0"))
+    return Settings(port=0, data=str(tmp_path / "data"), fastpath=fastpath_name, shards=2, park_after_s=park_after)
 
 
 @pytest.fixture

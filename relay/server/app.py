@@ -25,8 +25,9 @@ from relay import fastpath
 from relay.config import Settings
 from relay.errors import CLOSE_GOING_AWAY
 from relay.server.clock import now_ms
-from relay.server.connection import Connection
+from relay.server.connection import Connection, encode_close
 from relay.server.groups import Groups
+from relay.server.parking import ParkingLot
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
 from relay.server.writer import Callback, GroupCommitWriter
@@ -52,6 +53,7 @@ class RelayServer:
         self.router = Router()
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
+        self.parking = ParkingLot(self)
         self.connections: set[Connection] = set()
         # (user, device) -> seq acked but whose delete is not committed yet, so
         # a reconnect right after an ACK does not see those entries again.
@@ -120,6 +122,7 @@ class RelayServer:
         return {
             "connections": len(self.connections),
             "online_devices": self.router.count(),
+            "parking": self.parking.statistics(),
             "writers": [w.statistics() for w in self.writers],
             "fastpath": self.fastpath.IMPLEMENTATION,
         }
@@ -135,6 +138,7 @@ class RelayServer:
                     listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
                     self.port = listeners[0].socket.getsockname()[1]
                     nursery.start_soon(self._sweep_forever)
+                    await nursery.start(self.parking.run)
                     nursery.start_soon(self._accept, listeners, nursery)
                     log.info("relay listening on %s (fast path: %s)", self.url, self.fastpath.IMPLEMENTATION)
                     task_status.started(self.port)
@@ -152,7 +156,9 @@ class RelayServer:
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        conn = Connection(self, stream)
+        await self.serve_connection(Connection(self, stream))
+
+    async def serve_connection(self, conn: Connection) -> None:
         self.connections.add(conn)
         try:
             await conn.serve()
@@ -176,6 +182,7 @@ class RelayServer:
 
     async def _close_connections(self) -> None:
         self._accept_scope.cancel()
+        self.parking.close_all(encode_close(self.fastpath, CLOSE_GOING_AWAY, "server shutting down"))
         for conn in list(self.connections):
             conn.begin_close(CLOSE_GOING_AWAY, "server shutting down")
         with trio.move_on_after(SHUTDOWN_GRACE_S):

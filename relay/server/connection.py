@@ -74,6 +74,7 @@ from relay.store.base import (
 
 if TYPE_CHECKING:
     from relay.server.app import RelayServer
+    from relay.server.parking import ParkedConnection
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,12 @@ def _valid_close_code(code: int) -> bool:
 class Connection:
     """Serve one accepted stream until it closes; see the module docstring."""
 
-    def __init__(self, server: RelayServer, stream: trio.abc.Stream) -> None:
+    def __init__(self, server: RelayServer, stream: trio.abc.Stream, resume: ParkedConnection | None = None) -> None:
         self.server = server
+        self._resume = resume
+        self._parking: ParkedConnection | None = None
+        self._pump_waiting = False
+        self._last_input = trio.current_time()
         self.settings = server.settings
         self.fp = server.fastpath
         self.stream = stream
@@ -194,15 +199,22 @@ class Connection:
 
     async def serve(self) -> None:
         try:
-            trailing = await self._handshake()
-            if trailing is None:
-                return
-            self._queue_reply(frames.encode_hello(self.settings.server_name, self.challenge, now_ms()))
+            if self._resume is not None:
+                self._resume_session(self._resume)
+                trailing = b""
+            else:
+                handshaken = await self._handshake()
+                if handshaken is None:
+                    return
+                trailing = handshaken
+                self._queue_reply(frames.encode_hello(self.settings.server_name, self.challenge, now_ms()))
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
                 nursery.start_soon(self._pump)
                 await self._read_loop(trailing)
-                if not self._peer_closed or self._closing:
+                if self._parking is not None:
+                    nursery.cancel_scope.cancel()
+                elif not self._peer_closed or self._closing:
                     with trio.move_on_after(CLOSE_TIMEOUT_S):
                         await self._close_sent.wait()
                 nursery.cancel_scope.cancel()
@@ -217,14 +229,24 @@ class Connection:
                 log.error("connection failed", exc_info=failure)
         finally:
             self.dead = True
-            if self.user is not None and self.device is not None:
-                self.server.router.detach(self, self.user, self.device)
-            if self._aborted and isinstance(self.stream, trio.SocketStream):
-                # Linger 0: close() sends RST, like a cut network.
-                with contextlib.suppress(OSError):
-                    self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await self.stream.aclose()
+            parking = self._parking
+            if parking is not None and isinstance(self.stream, trio.SocketStream) and not self._closing:
+                # Hand the socket over without closing it: the session goes on parked.
+                self.server.parking.park(parking, self.stream.socket.detach())
+            else:
+                await self._close(parking)
+
+    async def _close(self, parking: ParkedConnection | None) -> None:
+        if self.user is not None and self.device is not None:
+            self.server.router.detach(self, self.user, self.device)
+        if parking is not None:
+            self.server.router.detach(parking, parking.user or "", parking.device or 0)
+        if self._aborted and isinstance(self.stream, trio.SocketStream):
+            # Linger 0: close() sends RST, like a cut network.
+            with contextlib.suppress(OSError):
+                self.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with trio.CancelScope(shield=True), trio.move_on_after(1):
+            await self.stream.aclose()
 
     async def _handshake(self) -> bytes | None:
         handshake = ServerHandshake()
@@ -238,17 +260,59 @@ class Connection:
                 return outcome.trailing if outcome.accepted else None
         return None
 
+    def _resume_session(self, parked: ParkedConnection) -> None:
+        """Continue a parked session on this new Connection: READY, window after ``acked``."""
+        assert parked.user is not None and parked.device is not None
+        self.user, self.device = parked.user, parked.device
+        self.session.authenticated(parked.user, parked.device)
+        self.window.start_at(parked.acked)
+        self._last_input = parked.idle_deadline - self.settings.idle_timeout_s
+        self._ready = True
+        self.wake()
+
+    def _parkable(self) -> bool:
+        """Nothing read, written, committed or pushed is pending on this connection."""
+        return (
+            self._ready
+            and self._pump_waiting
+            and not self._wake.is_set()
+            and not self._closing
+            and not self._replies
+            and not self._signals
+            and not self._control
+            and not self._offered
+            and self._sends_in_flight == 0
+            and self.window.in_flight() == 0
+            and self.parser.buffered() == 0
+            and isinstance(self.stream, trio.SocketStream)
+        )
+
     async def _read_loop(self, data: bytes) -> None:
         idle = self.settings.idle_timeout_s
+        park_after = self.settings.park_after_s
         with self._read_scope:
             while True:
-                if data and await self._handle_bytes(data):
-                    return
-                with trio.move_on_after(idle) as idle_scope:
+                if data:
+                    self._last_input = trio.current_time()
+                    if await self._handle_bytes(data):
+                        return
+                idle_deadline = self._last_input + idle
+                wait_until = idle_deadline
+                if park_after > 0 and not self._closing:
+                    wait_until = min(wait_until, trio.current_time() + park_after)
+                with trio.move_on_at(wait_until) as wait_scope:
                     data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
-                if idle_scope.cancelled_caught:
-                    self.begin_close(CLOSE_GOING_AWAY, "idle timeout")
+                if wait_scope.cancelled_caught:
                     data = b""
+                    if trio.current_time() >= idle_deadline:
+                        if not self._closing:
+                            self.begin_close(CLOSE_GOING_AWAY, "idle timeout")
+                    elif self._parkable():
+                        assert self.user is not None and self.device is not None
+                        self._parking = self.server.parking.reserve(
+                            self.user, self.device, self.window.acked, idle_deadline
+                        )
+                        return
                     continue
                 if not data:
                     self._peer_closed = True
@@ -531,7 +595,9 @@ class Connection:
         encode_frame = fp.encode_frame
         binary = fp.OP_BINARY
         while True:
+            self._pump_waiting = True
             await self._wake.wait()
+            self._pump_waiting = False
             self._wake = trio.Event()
             while True:
                 out: list[bytes] = []
