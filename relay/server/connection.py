@@ -27,6 +27,7 @@ import os
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -353,6 +354,8 @@ class Connection:
             if isinstance(item, FrameError):
                 self.queue_error(item)
                 continue
+            if type(item) is frames.Send and self._submit_send_nowait(item):
+                continue
             try:
                 await self._serve_event(item)
             except FrameError as error:
@@ -438,8 +441,30 @@ class Connection:
     # --- messaging ------------------------------------------------------------
 
     async def _serve_send(self, event: frames.Send) -> None:
-        assert self.user is not None and self.device is not None
         await self._wait_send_slot()
+        op, committed = self._send_op(event)
+        self._sends_in_flight += 1
+        try:
+            await self.server.writer_for(event.to).submit(op, committed)
+        except BaseException:
+            self._sends_in_flight -= 1
+            raise
+
+    def _submit_send_nowait(self, event: frames.Send) -> bool:
+        """The usual SEND: a slot and queue room, so no await at all. False: use
+        :meth:`_serve_send`, which waits for them."""
+        if self._sends_in_flight >= self.settings.max_unacked_sends:
+            return False
+        op, committed = self._send_op(event)
+        try:
+            self.server.writer_for(event.to).submit_nowait(op, committed)
+        except trio.WouldBlock:
+            return False
+        self._sends_in_flight += 1
+        return True
+
+    def _send_op(self, event: frames.Send) -> tuple[StoreMessage, Callable[[object], None]]:
+        assert self.user is not None and self.device is not None
         op = StoreMessage(self.user, self.device, event.msg_id, event.to, event.payloads, now_ms())
         to = event.to
 
@@ -457,12 +482,7 @@ class Connection:
                 log.error("SEND failed: %r", result)
                 self.queue_error(FrameError(INTERNAL, "store error", ref=event.msg_id))
 
-        self._sends_in_flight += 1
-        try:
-            await self.server.writer_for(to).submit(op, committed)
-        except BaseException:
-            self._sends_in_flight -= 1
-            raise
+        return op, committed
 
     async def _wait_send_slot(self) -> None:
         while self._sends_in_flight >= self.settings.max_unacked_sends:

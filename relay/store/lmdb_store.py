@@ -27,6 +27,7 @@ whatever a batch reported is on disk before the server answers SENT.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -83,6 +84,10 @@ _ENTRY_HEAD = struct.Struct(">BBQ")
 _BODY_HEAD = struct.Struct(">qQB")
 _FANOUT = struct.Struct(">QQ")
 LAYOUT_VERSION = 1
+
+
+def _shard_index(user: str, shards: int) -> int:
+    return shard_of(user, shards)
 
 
 def device_prefix(user: str, device: int) -> bytes:
@@ -170,6 +175,9 @@ class LmdbStore:
             os.replace(tmp, manifest)
         self.shards = shards
         self.sync = sync
+        # Hot: every write looks its shard up. Bounded so a stream of new
+        # names cannot grow it.
+        self._shard_index = functools.lru_cache(maxsize=1 << 16)(functools.partial(_shard_index, shards=shards))
         self._shards = [_Shard(self.path / f"shard-{i:03d}", map_size, sync) for i in range(shards)]
 
     def close(self) -> None:
@@ -177,7 +185,7 @@ class LmdbStore:
             shard.env.close()
 
     def shard_of(self, user: str) -> int:
-        return shard_of(user, self.shards)
+        return self._shard_index(user)
 
     def _shard(self, user: str) -> _Shard:
         return self._shards[shard_of(user, self.shards)]
