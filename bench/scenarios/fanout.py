@@ -334,7 +334,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         sc = r.get("store_check")
         if sc:
             if "skipped" in sc:
-                rows.append((f"[{n}] store check", "skipped"))
+                rows.append((f"[{n}] bodies / inbox entries per msg", "not checked"))
             else:
                 rows.append((f"[{n}] bodies / inbox entries per msg",
                              f"{sc['bodies_per_message']:g} / {sc['inbox_entries_per_message']:g}"))

@@ -7,8 +7,12 @@
 3. Steps (default 1k, 5k, 10k, 19k in all): ``--procs`` load processes (each
    holds at most ``ceil(N / procs)`` sockets: the open-files limit is per
    process) open connections and AUTH them (pipelined in chunks of 500) until
-   N are open; then the relay's memory is sampled every 0.5 s until it stops
-   moving (two samples within 64 KiB, at most ``--settle-max`` s).
+   N are open; then, after ``--settle-min`` s (the relay parks a connection
+   idle for 2 s: its task and buffers go), the relay's memory is sampled every
+   0.5 s until it stops moving (two samples within 64 KiB, at most
+   ``--settle-max`` s). RSS is a high-water mark: memory the relay freed when
+   connections parked stays in its allocator and is reused by the next
+   connections rather than returned to the system.
    ``kib_per_conn`` = (RSS at N - baseline RSS) / N; ``marginal_kib_per_conn``
    = growth since the previous step / connections added (free of whatever the
    baseline kept from phase 1). RssAnon (heap: what connections cost) and
@@ -55,8 +59,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--register-batch", type=int, default=50, help="users registered per pipelined batch (default 50)"
     )
-    parser.add_argument("--settle-max", type=float, default=10.0, help="seconds to wait for the RSS to settle per step")
-    parser.add_argument("--keepalive", type=float, default=40.0, help="ping every connection this often (default 40 s)")
+    parser.add_argument(
+        "--settle-min",
+        type=float,
+        default=4.0,
+        help="seconds to wait after a step before sampling (default 4: the relay parks connections idle for 2 s)",
+    )
+    parser.add_argument("--settle-max", type=float, default=15.0, help="seconds to wait for the RSS to settle per step")
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=100.0,
+        help="ping every connection this often (default 100 s, under the relay's 120 s idle timeout; "
+        "a ping wakes a parked connection, so it should not fall inside a measurement)",
+    )
     parser.add_argument("--setup-timeout", type=float, default=120.0, help="limit per registration batch / open chunk")
     parser.add_argument("--timeout", type=float, default=900.0, help="limit for the whole scenario (default 900 s)")
     parser.add_argument("--token", help="registration token, for a relay that requires one")
@@ -83,8 +99,9 @@ def memory(pid: int) -> dict[str, int]:
     return out
 
 
-def settle(pid: int, limit: float, alive: Callable[[], bool] | None) -> tuple[dict[str, int], float]:
-    """Sample every 0.5 s until VmRSS moves less than 64 KiB between samples."""
+def settle(pid: int, limit: float, alive: Callable[[], bool] | None, minimum: float = 1.0) -> tuple[dict[str, int], float]:
+    """After ``minimum`` seconds, sample every 0.5 s until VmRSS moves less than
+    64 KiB between samples (at most ``limit`` seconds in all)."""
     t0 = time.monotonic()
     last = memory(pid)
     while time.monotonic() - t0 < limit:
@@ -92,7 +109,7 @@ def settle(pid: int, limit: float, alive: Callable[[], bool] | None) -> tuple[di
         if alive is not None and not alive():
             raise RuntimeError("the relay process exited")
         now = memory(pid)
-        if abs(now["VmRSS"] - last["VmRSS"]) < 64 and time.monotonic() - t0 >= 1.0:
+        if abs(now["VmRSS"] - last["VmRSS"]) < 64 and time.monotonic() - t0 >= minimum:
             return now, time.monotonic() - t0
         last = now
     return last, time.monotonic() - t0
@@ -312,7 +329,7 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
                 break
             open_s = time.monotonic() - t0
             opened = n
-            mem, waited = settle(relay_pid, args.settle_max, alive)
+            mem, waited = settle(relay_pid, args.settle_max, alive, args.settle_min)
             step = {
                 "connections": n,
                 "open_seconds": round(open_s, 2),
