@@ -37,6 +37,12 @@ class Settings:
     handshake_timeout_s: float = 10.0
     window: int = 256
     max_group_members: int = 1024
+    # Per connection: REQ and SIGNAL frames per second (and the burst
+    # allowed at once); past them the frame is answered 429.
+    requests_per_s: float = 50.0
+    requests_burst: int = 200
+    signals_per_s: float = 20.0
+    signals_burst: int = 50
     max_unacked_sends: int = 1024
     retention_s: float = 30 * 24 * 3600.0
     sweep_interval_s: float = 3600.0
@@ -70,6 +76,8 @@ class Settings:
             raise ConfigError("max_message_bytes must be at least 1024")
         if self.fastpath not in (None, "cython", "pure"):
             raise ConfigError("fastpath must be 'cython' or 'pure'")
+        if self.requests_per_s <= 0 or self.signals_per_s <= 0 or self.requests_burst < 1 or self.signals_burst < 1:
+            raise ConfigError("rate limits must be positive (burst at least 1)")
         if self.park_after_s < 0:
             raise ConfigError("park_after_s must be 0 (never park) or positive")
         for name in ("idle_timeout_s", "handshake_timeout_s", "retention_s", "sweep_interval_s"):

@@ -48,6 +48,7 @@ from relay.errors import (
     FORBIDDEN,
     INTERNAL,
     NOT_FOUND,
+    RATE_LIMITED,
     UNAUTHORIZED,
     UNAVAILABLE,
     FrameError,
@@ -56,6 +57,7 @@ from relay.errors import (
 )
 from relay.protocol import frames
 from relay.protocol.handshake import ServerHandshake
+from relay.protocol.limits import TokenBucket
 from relay.protocol.session import Session
 from relay.protocol.window import DeliveryWindow
 from relay.server.clock import now_ms
@@ -113,6 +115,9 @@ class Connection:
         self.parser = self.fp.FrameParser(self.settings.max_message_bytes, True)
         self.challenge = os.urandom(32)
         self.window = DeliveryWindow(self.settings.window)
+        now = trio.current_time()
+        self._request_bucket = TokenBucket(self.settings.requests_per_s, self.settings.requests_burst, now)
+        self._signal_bucket = TokenBucket(self.settings.signals_per_s, self.settings.signals_burst, now)
         # Pushed MSG entries not yet acked: an ACK turns them into receipts
         # without reading the inbox again. At most a window's worth.
         self._pushed: deque[InboxEntry] = deque()
@@ -577,6 +582,8 @@ class Connection:
 
     def _serve_signal(self, event: frames.Signal) -> None:
         assert self.user is not None
+        if not self._signal_bucket.take(trio.current_time()):
+            raise FrameError(RATE_LIMITED, "too many signals", ref=frames.SIGNAL)
         router = self.server.router
         frame = frames.encode_signaled(self.user, event.to, event.kind)
         if frames.is_group(event.to):
@@ -591,6 +598,10 @@ class Connection:
                 conn.push_ephemeral(frame)
 
     async def _serve_request(self, event: frames.Request) -> None:
+        if not self._request_bucket.take(trio.current_time()):
+            reason = {"code": RATE_LIMITED, "reason": "too many requests"}
+            self._queue_reply(frames.encode_res(event.req_id, False, reason))
+            return
         try:
             result = await self.server.requests.serve(self, event.op, event.args)
         except FrameError as error:
