@@ -38,9 +38,10 @@ class Settings:
     window: int = 256
     max_group_members: int = 1024
     # Per connection: REQ and SIGNAL frames per second (and the burst
-    # allowed at once); past them the frame is answered 429.
-    requests_per_s: float = 50.0
-    requests_burst: int = 200
+    # allowed at once); past them the frame is answered 429. The REQ burst
+    # admits one full message of requests (max_frames_per_message).
+    requests_per_s: float = 100.0
+    requests_burst: int = 1024
     signals_per_s: float = 20.0
     signals_burst: int = 50
     max_unacked_sends: int = 1024

@@ -242,3 +242,29 @@ async def test_1024_members_one_body_then_nothing_left(tmp_path, settings):
         assert sum(s["fanout"] for s in stats.values()) == 0
         members_inbox = sum(relay.store.pending(n, 1) for n in names)
         assert members_inbox == 0
+
+
+async def test_pipelined_send_groups_keep_send_order(settings):
+    """Many SEND_GROUPs in flight at once reach every member in send order
+    (regression: each used to fan out from its own task, in any order)."""
+    from relay.server.app import open_relay
+
+    settings.shards = 4
+    async with open_relay(settings) as relay:
+        names = [f"u{i:02d}" for i in range(12)]
+        users = await register_all(relay.url, *names)
+        async with users[0].online(relay.url) as owner, users[5].online(relay.url) as member:
+            g = (await ok(owner, 1, "group.create", {"name": "t", "members": names[1:]}))["group"]
+            for round_ in range(3):
+                ids = [os.urandom(16) for _ in range(32)]
+                await owner.send(*[[11, m, g, b"%02d" % i] for i, m in enumerate(ids)])
+                sent = {(await owner.recv_type(SENT, keep=False))[1] for _ in ids}
+                assert sent == set(ids)
+                got = []
+                while len(got) < len(ids):
+                    frame = await member.recv()
+                    if frame[0] == MSG:
+                        got.append(frame[2])
+                    if frame[0] in (MSG, EVENT):
+                        await member.send([14, frame[1]])
+                assert got == ids, f"round {round_}: out of send order"

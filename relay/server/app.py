@@ -12,7 +12,6 @@ with signal handling. Task tree::
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,8 +29,8 @@ from relay.server.groups import Groups
 from relay.server.parking import ParkingLot
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
-from relay.server.writer import Callback, GroupCommitWriter
-from relay.store.base import Appended, AppendEntries, ExpireEntries, WriteOp, group_of_body
+from relay.server.writer import GroupCommitWriter
+from relay.store.base import Appended, AppendEntries, ExpireEntries, group_of_body
 from relay.store.lmdb_store import LmdbStore
 
 log = logging.getLogger(__name__)
@@ -83,20 +82,6 @@ class RelayServer:
             # The nursery is closed: the relay is stopping and the job is
             # dropped (every such job is one a restart redoes or can lose).
             log.debug("dropped %r during shutdown", fn)
-
-    def spawn_submit(self, writer: GroupCommitWriter, op: WriteOp, on_done: Callback | None = None) -> None:
-        """Submit from a callback (which cannot wait for queue space)."""
-        try:
-            writer.submit_nowait(op, on_done)
-        except trio.WouldBlock:
-            self.spawn(self._submit_quietly, writer, op, on_done)
-        except trio.ClosedResourceError:
-            pass  # shutting down: acked entries are then redelivered next time
-
-    async def _submit_quietly(self, writer: GroupCommitWriter, op: WriteOp, on_done: Callback | None) -> None:
-        # Shutting down: the acked entries are then redelivered next time.
-        with contextlib.suppress(trio.ClosedResourceError):
-            await writer.submit(op, on_done)
 
     async def append_to_users(self, users: tuple[str, ...] | list[str], type_: int, count: int, tail: bytes, created: int) -> None:
         """Append one entry to every device inbox of ``users``; return once all committed."""

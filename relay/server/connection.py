@@ -501,13 +501,11 @@ class Connection:
     async def _serve_send_group(self, event: frames.SendGroup) -> None:
         await self._wait_send_slot()
         self._sends_in_flight += 1
-        self.server.spawn(self._send_group_job, event, now_ms())
-
-    async def _send_group_job(self, event: frames.SendGroup, ts: int) -> None:
         try:
-            await self.server.groups.send(self, event, ts)
-        finally:
-            self._send_finished()
+            await self.server.groups.send(self, event, now_ms(), self._send_finished)
+        except BaseException:
+            self._sends_in_flight -= 1
+            raise
 
     async def _serve_ack(self, seq: int) -> None:
         assert self.user is not None and self.device is not None
@@ -540,7 +538,7 @@ class Connection:
             # References gone: release the group bodies they pointed to.
             if isinstance(result, int):
                 for group, counts in released.items():
-                    server.spawn_submit(server.writer_for(group), ReleaseBodies(counts))
+                    server.writer_for(group).submit_followup(ReleaseBodies(counts))
 
         delete_writer = server.writer_for(user)
         if not receipt_tails:
@@ -556,7 +554,7 @@ class Connection:
             if isinstance(result, Appended):
                 server.router.deliver(sender, result.entries)
             if remaining == 0:
-                server.spawn_submit(delete_writer, delete, deleted)
+                delete_writer.submit_followup(delete, deleted)
 
         for sender, tails in receipt_tails.items():
             skip = device if sender == user else None

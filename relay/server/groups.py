@@ -22,6 +22,7 @@ import base64
 import functools
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -33,7 +34,6 @@ from relay.errors import (
     NOT_FOUND,
     UNAVAILABLE,
     FrameError,
-    StoreError,
     StoreFullError,
 )
 from relay.protocol import frames
@@ -127,59 +127,106 @@ class Groups:
 
     # --- SEND_GROUP ---------------------------------------------------------------
 
-    async def send(self, conn: Connection, event: frames.SendGroup, ts: int) -> None:
-        """Run the three steps; queue SENT or ERROR on ``conn`` (even if it closed meanwhile)."""
+    async def send(self, conn: Connection, event: frames.SendGroup, ts: int, done: Callable[[], None]) -> None:
+        """Start the three steps for one SEND_GROUP; SENT or ERROR is queued on
+        ``conn`` (even if it closed meanwhile) and ``done()`` called at the end.
+
+        Only step 1 is awaited (for queue room). The rest runs in commit
+        callbacks, queued as writer follow-ups in commit order, so the
+        references of one sender's messages land in every inbox in send order
+        however many fan-outs are in flight.
+        """
         assert conn.user is not None and conn.device is not None
-        server = self.server
-        group_writer = server.writer_for(event.to)
         prepare = PrepareGroupMessage(event.to, conn.user, conn.device, event.msg_id, event.payload, ts)
+        await self.server.writer_for(event.to).submit(prepare, functools.partial(self._prepared, conn, event, prepare, done))
+
+    def _prepared(
+        self, conn: Connection, event: frames.SendGroup, prepare: PrepareGroupMessage, done: Callable[[], None], result: object
+    ) -> None:
         try:
-            while True:
-                prepared = await group_writer.call(prepare)
-                if isinstance(prepared, FrameError):
-                    prepared.ref = event.msg_id
-                _raise_store(prepared)
-                assert isinstance(prepared, GroupPrepared)
-                running = self._fanouts.get(prepared.body_key)
-                if running is None:
-                    break
-                await running.wait()
-            if not prepared.complete:
-                await self._fan_out(conn.user, conn.device, prepared)
+            if isinstance(result, FrameError):
+                result.ref = event.msg_id
+            _raise_store(result)
         except FrameError as error:
             error.ref = event.msg_id
             conn.queue_error(error)
+            done()
             return
-        conn.queue_sent(event.msg_id, prepared.ts)
+        assert isinstance(result, GroupPrepared)
+        if result.complete:
+            conn.queue_sent(event.msg_id, result.ts)
+            done()
+            return
+        running = self._fanouts.get(result.body_key)
+        if running is not None:
+            # A retry while the first attempt still runs: wait for it, then ask again.
+            self.server.spawn(self._retry_after, running, conn, event, prepare, done)
+            return
+        self._fan_out(conn, event, prepare, result, done)
 
-    async def _fan_out(self, sender: str, sender_device: int, prepared: GroupPrepared) -> None:
+    async def _retry_after(
+        self, running: trio.Event, conn: Connection, event: frames.SendGroup, prepare: PrepareGroupMessage, done: Callable[[], None]
+    ) -> None:
+        await running.wait()
+        await self.server.writer_for(event.to).submit(prepare, functools.partial(self._prepared, conn, event, prepare, done))
+
+    def _fan_out(
+        self, conn: Connection, event: frames.SendGroup, prepare: PrepareGroupMessage, prepared: GroupPrepared, done: Callable[[], None]
+    ) -> None:
         server = self.server
         key = prepared.body_key
-        done = self._fanouts[key] = trio.Event()
-        try:
-            by_shard: dict[int, list[str]] = defaultdict(list)
-            for user in prepared.members:
-                by_shard[server.store.shard_of(user)].append(user)
-            results: list[object] = []
+        finished = self._fanouts[key] = trio.Event()
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for user in prepared.members:
+            by_shard[server.store.shard_of(user)].append(user)
+        remaining = len(by_shard)
+        refs = 0
+        failure: list[object] = []
 
-            async def one_shard(shard: int, users: list[str]) -> None:
-                result = await server.writers[shard].call(FanOut(key, sender, sender_device, users, prepared.ts))
-                if isinstance(result, FannedOut):
-                    for user, devices in result.devices:
-                        server.router.wake(user, devices)
-                results.append(result)
-
-            async with trio.open_nursery() as nursery:
-                for shard, users in by_shard.items():
-                    nursery.start_soon(one_shard, shard, users)
-            for result in results:
-                if isinstance(result, StoreError):
-                    # Step 3 not reached: the sender gets 503 and its retry completes the fan-out.
-                    _raise_store(result)
-            refs = sum(r.refs for r in results if isinstance(r, FannedOut))
-            _raise_store(await server.writer_for_group_body(key).call(CompleteGroupMessage(key, refs)))
-            for shard in by_shard:
-                server.spawn_submit(server.writers[shard], DropFanOutMarker(key))
-        finally:
+        def end(error: FrameError | None) -> None:
             del self._fanouts[key]
-            done.set()
+            finished.set()
+            if error is None:
+                conn.queue_sent(event.msg_id, prepared.ts)
+                for shard in by_shard:
+                    server.writers[shard].submit_followup(DropFanOutMarker(key))
+            else:
+                error.ref = event.msg_id
+                conn.queue_error(error)
+            done()
+
+        def completed(result: object) -> None:
+            try:
+                _raise_store(result)
+            except FrameError as error:
+                end(error)
+                return
+            end(None)
+
+        def one_shard_done(result: object) -> None:
+            nonlocal remaining, refs
+            remaining -= 1
+            if isinstance(result, FannedOut):
+                refs += result.refs
+                for user, devices in result.devices:
+                    server.router.wake(user, devices)
+            else:
+                failure.append(result)
+            if remaining:
+                return
+            if failure:
+                # Step 3 not reached: the sender gets the error and its retry
+                # completes the fan-out (the shards done are skipped).
+                try:
+                    _raise_store(failure[0])
+                except FrameError as error:
+                    end(error)
+                return
+            server.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, refs), completed)
+
+        if not by_shard:
+            server.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, 0), completed)
+            return
+        for shard, users in by_shard.items():
+            fan_out = FanOut(key, prepare.sender, prepare.sender_device, users, prepared.ts)
+            server.writers[shard].submit_followup(fan_out, one_shard_done)
