@@ -32,7 +32,7 @@ def shard_of(user: str, shards: int) -> int:
     return zlib.crc32(user.encode()) % shards
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InboxEntry:
     seq: int
     type: int
@@ -88,7 +88,7 @@ class StoreMessage:
     ts: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stored:
     ts: int
     duplicate: bool
@@ -98,7 +98,7 @@ class Stored:
     entries: tuple[tuple[int, InboxEntry], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Appended:
     """Result of AppendEntries: what was appended, (device, entry) in order."""
 

@@ -90,7 +90,9 @@ def _shard_index(user: str, shards: int) -> int:
     return shard_of(user, shards)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def device_prefix(user: str, device: int) -> bytes:
+    """The key prefix of one device's inbox (cached: every append builds it)."""
     return user.encode() + b"\x00" + bytes((device,))
 
 
