@@ -406,27 +406,35 @@ class _WriteTxn:
         return True
 
     def store_message(self, op: StoreMessage) -> Stored:
-        idem_key = op.to.encode() + b"\x00" + op.sender.encode() + b"\x00" + bytes((op.sender_device,)) + op.msg_id
-        previous = self.txn.get(idem_key, db=self.shard.idem)
-        if previous is not None:
+        idem_key = op.to.encode() + b"\x00" + device_prefix(op.sender, op.sender_device) + op.msg_id
+        txn = self.txn
+        idem = self.shard.idem
+        # One descent for the usual case (a new msg_id): insert unless present.
+        if not txn.put(idem_key, _U64.pack(op.ts), db=idem, overwrite=False):
+            previous = txn.get(idem_key, db=idem)
+            assert previous is not None
             return Stored(_U64.unpack(previous)[0], True, ())
         devices = self._devices(op.to)
+        error = None
         if devices is None:
-            raise FrameError(NOT_FOUND, f"no such user {op.to}", ref=op.msg_id)
-        expected = set(devices)
-        if op.to == op.sender:
-            # A note to self goes to the user's other devices only.
-            expected.discard(op.sender_device)
-        if set(op.payloads) != expected:
-            missing = sorted(expected - set(op.payloads))
-            extra = sorted(set(op.payloads) - expected)
-            raise FrameError(CONFLICT, f"missing {missing}; extra {extra}", ref=op.msg_id)
-        entries = tuple(
-            (device, self._append(op.to, device, ENTRY_MSG, MSG_FIELDS, op.ts, msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)))
-            for device, payload in op.payloads.items()
-        )
-        self.txn.put(idem_key, _U64.pack(op.ts), db=self.shard.idem)
-        return Stored(op.ts, False, tuple(op.payloads), entries)
+            error = FrameError(NOT_FOUND, f"no such user {op.to}", ref=op.msg_id)
+        elif op.payloads.keys() != devices.keys():
+            expected = set(devices)
+            if op.to == op.sender:
+                # A note to self goes to the user's other devices only.
+                expected.discard(op.sender_device)
+            if set(op.payloads) != expected:
+                missing = sorted(expected - set(op.payloads))
+                extra = sorted(set(op.payloads) - expected)
+                error = FrameError(CONFLICT, f"missing {missing}; extra {extra}", ref=op.msg_id)
+        if error is not None:
+            txn.delete(idem_key, db=idem)
+            raise error
+        entries = []
+        for device, payload in op.payloads.items():
+            tail = msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)
+            entries.append((device, self._append(op.to, device, ENTRY_MSG, MSG_FIELDS, op.ts, tail)))
+        return Stored(op.ts, False, tuple(op.payloads), tuple(entries))
 
     def append_entries(self, op: AppendEntries) -> Appended:
         devices: tuple[int, ...]
