@@ -73,8 +73,24 @@ def _serve(args: argparse.Namespace) -> int:
                     server.shutdown()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        # Binding the port or resolving the host failed inside the task tree:
+        # report the OSError itself (main() prints it on one line).
+        oserrors = group.subgroup(OSError)
+        if oserrors is None:
+            raise
+        leaf = _first_leaf(oserrors)
+        assert isinstance(leaf, OSError)
+        where = f"{settings.host}:{settings.port}"
+        raise OSError(leaf.errno, f"cannot listen on {where}: {leaf.strerror or leaf}") from None
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
+        print(f"relay: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -22,7 +22,7 @@ import trio
 
 from relay import fastpath
 from relay.config import Settings
-from relay.errors import CLOSE_GOING_AWAY
+from relay.errors import CLOSE_GOING_AWAY, ConfigError
 from relay.server.clock import now_ms
 from relay.server.connection import Connection, encode_close
 from relay.server.groups import Groups
@@ -42,7 +42,12 @@ class RelayServer:
     def __init__(self, settings: Settings, store: LmdbStore | None = None) -> None:
         settings.validate()
         self.settings = settings
-        self.fastpath = fastpath.load(settings.fastpath)
+        try:
+            self.fastpath = fastpath.load(settings.fastpath)
+        except ImportError as exc:
+            raise ConfigError(
+                "the compiled fast path is not built (installed with RELAY_NO_EXT=1?); use --fastpath pure"
+            ) from exc
         self.store = store or LmdbStore(
             settings.data, shards=settings.shards, map_size=settings.map_size_bytes, sync=settings.sync == "durable"
         )

@@ -27,13 +27,14 @@ whatever a batch reported is on disk before the server answers SENT.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lmdb
 import msgpack
@@ -84,6 +85,27 @@ _ENTRY_HEAD = struct.Struct(">BBQ")
 _BODY_HEAD = struct.Struct(">qQB")
 _FANOUT = struct.Struct(">QQ")
 LAYOUT_VERSION = 1
+
+
+def _lock_data_dir(path: Path) -> IO[str]:
+    """Hold an exclusive lock on the data directory for this store's lifetime.
+
+    LMDB would let two relays share the files, but each keeps state in memory
+    (caches, acks in flight, fan-outs) that the other cannot see.
+    """
+    handle = open(path / "relay.lock", "a+")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise ConfigError(f"{path} is in use by another relay (pid {owner})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _shard_index(user: str, shards: int) -> int:
@@ -159,11 +181,16 @@ class LmdbStore:
 
     def __init__(self, path: str | os.PathLike[str], shards: int = 4, map_size: int = 8 << 30, sync: bool = True) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_data_dir(self.path)
         manifest = self.path / "relay-store.json"
         if manifest.exists():
             try:
                 info = json.loads(manifest.read_text())
+                if int(info["shards"]) != shards:
+                    log.warning("%s has %s shards (fixed at creation); --shards %d ignored", self.path, info["shards"], shards)
                 shards = int(info["shards"])
                 if info.get("layout") != LAYOUT_VERSION:
                     raise ConfigError(f"{manifest}: unsupported layout {info.get('layout')!r}")
@@ -185,6 +212,7 @@ class LmdbStore:
     def close(self) -> None:
         for shard in self._shards:
             shard.env.close()
+        self._lock.close()
 
     def shard_of(self, user: str) -> int:
         return self._shard_index(user)
