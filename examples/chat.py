@@ -4,7 +4,7 @@
     python examples/chat.py ws://127.0.0.1:8765/v1
 
 Payloads here are plain msgpack text maps; a real app encrypts them first
-(profile relay-v1, see docs/e2e.md).
+(profile relay-v1 of PROTOCOL.md; not in the library yet).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ receipts per member device ("delivered to 2 of 2, read by 2").
     python examples/group_chat.py ws://127.0.0.1:8765/v1
 
 Payloads here are plain msgpack text maps; a real app encrypts them with its
-group's Sender Keys first (profile relay-v1, see docs/e2e.md).
+group's Sender Keys first (profile relay-v1 of PROTOCOL.md; not in the library yet).
 """
 
 from __future__ import annotations
