@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 class ParkedConnection:
     """A parked session (see the module docstring); implements the router's Routable."""
 
-    __slots__ = ("lot", "fd", "user", "device", "acked", "idle_deadline", "signals", "revived", "registered")
+    __slots__ = (
+        "lot", "fd", "user", "device", "acked", "idle_deadline", "signals", "revived", "revive_requested", "registered",
+    )
 
     def __init__(self, lot: ParkingLot, user: str, device: int, acked: int, idle_deadline: float) -> None:
         self.lot = lot
@@ -55,6 +57,9 @@ class ParkedConnection:
         # Signals that arrived while the socket was being handed over.
         self.signals: list[bytes] | None = None
         self.revived: Connection | None = None
+        # Set when something needs the session while its socket is still
+        # being handed over; park() then revives it at once.
+        self.revive_requested = False
         self.registered = False
 
     def _revive(self) -> Connection | None:
@@ -111,9 +116,8 @@ class ParkingLot:
     def park(self, parked: ParkedConnection, fd: int) -> None:
         """Step 2: the connection's tasks are gone; watch its socket."""
         parked.fd = fd
-        if parked.revived is not None or parked.signals:
+        if parked.revive_requested or parked.signals:
             # Something arrived during the hand-over: serve it at once.
-            parked.revived = None
             self._start(parked)
             return
         try:
@@ -132,7 +136,7 @@ class ParkingLot:
         """Resume ``parked`` on a new Connection; None while its hand-over is still running."""
         if parked.fd < 0:
             # Still being handed over: park() revives it as soon as it can.
-            parked.revived = parked.revived or _PENDING
+            parked.revive_requested = True
             return None
         if parked.registered:
             self._unregister(parked)
@@ -163,7 +167,7 @@ class ParkingLot:
     def drop(self, parked: ParkedConnection, rst: bool = False, close_frame: bytes | None = None) -> None:
         """Close a parked connection without reviving it."""
         revived = parked.revived
-        if revived is not None and not isinstance(revived, _Pending):
+        if revived is not None:
             if rst:
                 revived.abort()
             else:
@@ -225,13 +229,6 @@ class ParkingLot:
             parked = self._by_fd.get(fd)
             if parked is not None and id(parked) == ident:
                 self.drop(parked, close_frame=encode_close(self.server.fastpath, CLOSE_GOING_AWAY, "idle timeout"))
-
-
-class _Pending:
-    """Marks a revive requested while the hand-over runs."""
-
-
-_PENDING: Connection = _Pending()  # type: ignore[assignment]
 
 
 def _send_nonblocking(fd: int, data: bytes) -> None:
