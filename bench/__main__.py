@@ -16,7 +16,16 @@ from typing import Any
 
 from bench import scenarios
 from bench.system import machine_info, pick_cores, pin_self, set_niceness
-from bench.targets import TARGETS, Running, TargetError, external, spawn, stop
+from bench.targets import (
+    ALL_TARGETS,
+    TARGETS,
+    Running,
+    TargetError,
+    external,
+    mosquitto_available,
+    spawn,
+    stop,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--targets",
             default=default_targets,
-            help=f"comma-separated subset of {','.join(TARGETS)} (default: {default_targets}, in that order)",
+            help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: {default_targets}, in that order; "
+            "mosquitto: pairs only, needs the mosquitto package)",
         )
         p.add_argument("--url", help="ws://HOST:PORT/v1 of a running relay (instead of spawning targets)")
         p.add_argument("--relay-pid", type=int, help="with --url: PID of that relay, to measure its CPU share")
@@ -53,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 def ratios(results: list[dict[str, Any]], key: str) -> dict[str, float]:
     """headline(a) / headline(b) for every ordered pair of successful targets,
     the faster-path one first (fast/pure, fast/naive, pure/naive)."""
-    order = {name: i for i, name in enumerate(TARGETS)}
+    order = {name: i for i, name in enumerate(ALL_TARGETS)}
     ok: list[tuple[str, float]] = [
         (r["target"], float(r[key])) for r in results if r.get("ok") and r.get(key)
     ]
@@ -178,9 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         names = ["url"]
     else:
         names = [t.strip() for t in args.targets.split(",") if t.strip()]
-        unknown = [t for t in names if t not in TARGETS]
+        unknown = [t for t in names if t not in ALL_TARGETS]
         if unknown:
-            raise SystemExit(f"unknown target(s) {unknown}; expected a subset of {','.join(TARGETS)}")
+            raise SystemExit(f"unknown target(s) {unknown}; expected a subset of {','.join(ALL_TARGETS)}")
+        if "mosquitto" in names:
+            if not getattr(module, "SUPPORTS_MQTT", False):
+                raise SystemExit(f"target mosquitto: only the pairs scenario drives MQTT, not {args.scenario}")
+            if mosquitto_available() is None:
+                note = "mosquitto is not installed (apt-get install mosquitto): target skipped"
+                print(f"[bench] note: {note}", file=sys.stderr, flush=True)
+                doc.setdefault("notes", []).append(note)
+                names = [t for t in names if t != "mosquitto"]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     headline = module.HEADLINE[0]
     for round_ in range(args.repeat):

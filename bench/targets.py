@@ -5,6 +5,9 @@ Targets:
 * ``fast``  -- ``python -m relay serve`` with the compiled fast path;
 * ``pure``  -- the same with ``RELAY_PURE=1`` (pure-Python fast path twin);
 * ``naive`` -- :mod:`bench.naive_relay`, a plain trio-websocket relay;
+* ``mosquitto`` -- the Mosquitto MQTT broker (Debian package ``mosquitto``),
+  persistent sessions, for ``pairs`` only (its URL is ``mqtt://HOST:PORT``);
+  not among the defaults;
 * ``--url`` -- a relay somebody else started (not pinned, CPU not measured
   unless ``--relay-pid`` is given).
 
@@ -21,6 +24,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +35,8 @@ from typing import Any
 
 from bench.system import REPO_ROOT, git_revision
 
-TARGETS = ("fast", "pure", "naive")
+TARGETS = ("fast", "pure", "naive")  # the default targets
+ALL_TARGETS = (*TARGETS, "mosquitto")
 LISTENING = re.compile(r"listening (ws://\S+)")
 
 
@@ -114,8 +119,82 @@ def command_for(name: str, data_dir: Path, sync: str, host: str) -> list[str]:
     raise ValueError(f"unknown target {name!r}; expected one of {', '.join(TARGETS)}")
 
 
+def mosquitto_available() -> str | None:
+    """Path of the ``mosquitto`` binary, or None."""
+    return shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.access("/usr/sbin/mosquitto", os.X_OK) else None
+    )
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def mosquitto_config(port: int, host: str, persistence_dir: Path) -> str:
+    """Persistent sessions, QoS 1 queues without limit, 64 in flight per client;
+    autosave settings left at their defaults (no fsync per message)."""
+    lines = [
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {persistence_dir}/",
+        "max_queued_messages 0",
+        "max_inflight_messages 64",
+        "log_dest stdout",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+    ]
+    if os.geteuid() == 0:
+        lines.append("user root")  # otherwise it drops to 'mosquitto', who cannot write the temp dir
+    return "\n".join(lines) + "\n"
+
+
+def spawn_mosquitto(core: int | None, start_timeout: float, host: str = "127.0.0.1") -> Running:
+    binary = mosquitto_available()
+    if binary is None:
+        raise TargetError("mosquitto: not installed (apt-get install mosquitto)")
+    base = Path(tempfile.mkdtemp(prefix="relay-bench-mosquitto-"))
+    data_dir = base / "data"
+    data_dir.mkdir()
+    port = free_port(host)
+    conf = base / "mosquitto.conf"
+    conf.write_text(mosquitto_config(port, host, data_dir))
+    cmd = [binary, "-c", str(conf)]
+    proc = _popen(cmd, dict(os.environ), base, core, "wb")
+    running = Running("mosquitto", f"mqtt://{host}:{port}", proc.pid, proc, data_dir, command=cmd,
+                      git=git_revision(), core=core)
+    try:
+        version = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=10).stdout
+        m = re.search(r"version (\S+)", version)
+        running.implementation = f"mosquitto {m.group(1)}" if m else "mosquitto"
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise TargetError(f"mosquitto exited with {proc.returncode} before listening\n{running.log_tail()}")
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TargetError(f"mosquitto: not listening within {start_timeout:.0f} s\n{running.log_tail()}")
+            time.sleep(0.05)
+        running.notes.append("persistence: autosave defaults, no fsync per message")
+        if core is not None:
+            running.notes.append(f"mosquitto pinned to core {core}")
+        return running
+    except BaseException:
+        stop(running)
+        raise
+
+
 def spawn(name: str, sync: str, core: int | None, start_timeout: float = 60.0, host: str = "127.0.0.1") -> Running:
     """Start target ``name`` and wait for its ``listening ws://...`` line."""
+    if name == "mosquitto":
+        return spawn_mosquitto(core, start_timeout, host)
     base = Path(tempfile.mkdtemp(prefix=f"relay-bench-{name}-"))
     data_dir = base / "data"
     data_dir.mkdir()

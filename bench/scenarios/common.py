@@ -78,6 +78,17 @@ class PairsHarness:
                 sender.conn = self.engine.add(session, sender)
                 self.senders.append(sender)
 
+    def setup_mqtt(self) -> None:
+        """The same pairs over MQTT (target ``mosquitto``): see :mod:`bench.mqtt`."""
+        from bench.mqtt import open_clients
+
+        t0 = time.monotonic()
+        self.senders, self.receivers = open_clients(  # type: ignore[assignment]
+            self.url, self.engine, self.args.pairs, self.shared, self.window,
+            self.args.max_unreceipted, self.args.setup_timeout,
+        )
+        self.setup_seconds = time.monotonic() - t0
+
     def measure(
         self,
         relay_pid: int | None,

@@ -17,6 +17,7 @@ from bench.scenarios.common import PairsHarness, add_common_arguments
 
 DESCRIPTION = "closed-loop 1:1 throughput: SEND→SENT→MSG→ACK→RECEIPT, window per sender"
 HEADLINE = ("msgs_per_s", "msg/s")
+SUPPORTS_MQTT = True  # target mosquitto: the same cycle over MQTT 3.1.1 QoS 1 (bench/mqtt.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,14 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
     harness = PairsHarness(url, args, window=args.window, closed_loop=True)
+    mqtt = url.startswith("mqtt://")
     try:
-        harness.setup()
+        if mqtt:
+            harness.setup_mqtt()
+        else:
+            harness.setup()
         for sender in harness.senders:
             sender.send_now(sender.room(), time.perf_counter_ns())
         result = harness.measure(relay_pid, lambda now: None, alive)
     finally:
         harness.close()
     result["params"] = {"pairs": args.pairs, "window": args.window, "payload_bytes": 100, "ack": args.ack}
+    if mqtt:
+        result["params"].update(protocol="MQTT 3.1.1", qos=1, clean_session=False, ack="PUBACK per message")
     result["anomalies"] = anomalies(result["run_totals"]) + disturbance(result["cpu"])
     return result
 

@@ -1,0 +1,392 @@
+"""A minimal raw-socket MQTT 3.1.1 client and the ``pairs`` cycle over it, for
+comparing the relay with Mosquitto on the same engine.
+
+Only what the cycle needs: CONNECT (clean_session=0, a client id, no
+keep-alive), SUBSCRIBE QoS 1 to the client's own topic, PUBLISH QoS 1 with
+packet ids and PUBACK both ways. The cycle per message, the analogue of the
+relay's SEND→SENT→MSG→ACK→RECEIPT::
+
+    sender ──PUBLISH q1 (receiver's topic)──▶ broker ──PUBACK──▶ sender      (≈ SENT)
+                                              broker ──PUBLISH──▶ receiver   (≈ MSG)
+    receiver ──PUBACK──▶ broker
+    receiver ──PUBLISH q1 "receipt" (sender's topic)──▶ broker ──PUBLISH──▶ sender
+    sender ──PUBACK──▶ broker                                                (cycle complete)
+
+The 100-byte payload is the relay cycle's (send time, sender index, counter,
+padding); the receipt carries its first 20 bytes back. Each sender keeps at
+most ``window`` PUBLISHes without PUBACK; every reply of one socket read
+leaves in one ``send``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import struct
+import time
+from typing import Any
+
+from bench.engine import EPOLLIN, EPOLLOUT, ConnectionLost, Engine
+from bench.workload import _PAD, _PAY, Shared
+
+RECV_SIZE = 1 << 18
+perf_counter_ns = time.perf_counter_ns
+
+CONNACK = 0x20
+PUBLISH = 0x30
+PUBACK = 0x40
+SUBACK = 0x90
+_PID = struct.Struct(">H")
+
+
+def _varlen(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _str(s: str) -> bytes:
+    b = s.encode()
+    return _PID.pack(len(b)) + b
+
+
+def connect_packet(client_id: str, clean_session: bool = False) -> bytes:
+    body = _str("MQTT") + bytes((4, 0x02 if clean_session else 0x00)) + _PID.pack(0) + _str(client_id)
+    return b"\x10" + _varlen(len(body)) + body
+
+
+def subscribe_packet(pid: int, topic: str, qos: int = 1) -> bytes:
+    body = _PID.pack(pid) + _str(topic) + bytes((qos,))
+    return b"\x82" + _varlen(len(body)) + body
+
+
+def publish_head(topic: str, payload_len: int) -> tuple[bytes, bytes]:
+    """(fixed header + topic, for QoS 1); the packet is head + pid + payload."""
+    t = _str(topic)
+    return b"\x32" + _varlen(len(t) + 2 + payload_len) + t, t
+
+
+def puback(pid: int) -> bytes:
+    return b"\x40\x02" + _PID.pack(pid)
+
+
+class Parser:
+    """Splits a byte stream into (first byte, body) MQTT packets."""
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = b""
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        buf = self.buf + data if self.buf else data
+        out = []
+        i = 0
+        n = len(buf)
+        while i + 2 <= n:
+            first = buf[i]
+            length = 0
+            shift = 0
+            j = i + 1
+            complete = False
+            while j < n and j < i + 5:
+                b = buf[j]
+                j += 1
+                length |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    complete = True
+                    break
+            if not complete or j + length > n:
+                break
+            out.append((first, buf[j : j + length]))
+            i = j + length
+        self.buf = buf[i:]
+        return out
+
+
+def _recv_packets(sock: socket.socket, parser: Parser, want: int, deadline: float) -> list[tuple[int, bytes]]:
+    got: list[tuple[int, bytes]] = []
+    while len(got) < want:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ConnectionLost("MQTT setup timed out")
+        sock.settimeout(left)
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionLost("broker closed the connection during setup")
+        got.extend(parser.feed(data))
+    return got
+
+
+class MqttConn:
+    """One non-blocking MQTT connection driven by :class:`bench.engine.Engine`."""
+
+    __slots__ = ("sock", "fd", "parser", "role", "out", "engine", "name", "closed")
+
+    def __init__(self, engine: Engine, sock: socket.socket, parser: Parser, role: Any, name: str) -> None:
+        self.engine = engine
+        self.sock = sock
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.parser = parser
+        self.role = role
+        self.out = b""
+        self.name = name
+        self.closed = False
+        engine.conns[self.fd] = self  # type: ignore[assignment]
+        engine.ep.register(self.fd, EPOLLIN)
+
+    def write(self, data: bytes) -> None:
+        if self.out:
+            self.out += data
+            return
+        try:
+            n = self.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            raise ConnectionLost(f"{self.name}: send failed: {exc}") from exc
+        if n < len(data):
+            self.out = data[n:]
+            self.engine.ep.modify(self.fd, EPOLLIN | EPOLLOUT)
+
+    def flush(self) -> None:
+        if not self.out:
+            return
+        try:
+            n = self.sock.send(self.out)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise ConnectionLost(f"{self.name}: send failed: {exc}") from exc
+        self.out = self.out[n:]
+        if not self.out:
+            self.engine.ep.modify(self.fd, EPOLLIN)
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+            now_ns = perf_counter_ns()
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise ConnectionLost(f"{self.name}: recv failed: {exc}") from exc
+        if not data:
+            raise ConnectionLost(f"{self.name}: broker closed the connection")
+        packets = self.parser.feed(data)
+        if packets:
+            self.role.on_packets(self, packets, now_ns)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self.sock.setblocking(False)
+            self.sock.send(b"\xe0\x00")  # DISCONNECT
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+class MqttSender:
+    """Publishes to one receiver's topic; ``window`` bounds PUBLISHes without
+    PUBACK, ``cap`` messages without receipt."""
+
+    def __init__(self, shared: Shared, index: int, to_topic: str, window: int, cap: int) -> None:
+        self.shared = shared
+        self.index = index
+        self.head = publish_head(to_topic, _PAY.size + len(_PAD))[0]
+        self.counter = 0
+        self.pid = 0
+        self.window = window
+        self.free = window
+        self.cap = cap
+        self.sent_at: dict[int, int] = {}  # packet id -> send time
+        self.cycle_at: dict[int, int] = {}  # counter -> send time
+        self.conn: MqttConn | None = None
+
+    def room(self) -> int:
+        return max(0, min(self.free, self.cap - len(self.cycle_at)))
+
+    def build(self, n: int, t_ns: int) -> list[bytes]:
+        parts = []
+        head = self.head
+        index = self.index
+        pack = _PAY.pack
+        pidpack = _PID.pack
+        sent_at = self.sent_at
+        cycle_at = self.cycle_at
+        k = self.counter
+        pid = self.pid
+        for _ in range(n):
+            k += 1
+            pid = pid % 0xFFFF + 1
+            parts.append(head + pidpack(pid) + pack(t_ns, index, k) + _PAD)
+            sent_at[pid] = t_ns
+            cycle_at[k] = t_ns
+        self.counter = k
+        self.pid = pid
+        self.free -= n
+        self.shared.counters.sends += n
+        return parts
+
+    def send_now(self, n: int, t_ns: int, extra: list[bytes] | None = None) -> None:
+        parts = extra or []
+        if n > 0:
+            parts.extend(self.build(n, t_ns))
+        if parts and self.conn is not None:
+            self.conn.write(b"".join(parts))
+
+    def on_packets(self, conn: MqttConn, packets: list[tuple[int, bytes]], now_ns: int) -> None:
+        c = self.shared.counters
+        lat = self.shared.lat
+        sent_at = self.sent_at
+        cycle_at = self.cycle_at
+        replies: list[bytes] = []
+        freed = 0
+        unpack = _PAY.unpack_from
+        for first, body in packets:
+            typ = first & 0xF0
+            if typ == PUBACK:
+                t0 = sent_at.pop(_PID.unpack_from(body)[0], None)
+                if t0 is None:
+                    c.unknown_ids += 1
+                    continue
+                freed += 1
+                lat.send_to_sent.append(now_ns - t0)
+            elif typ == PUBLISH:
+                tlen = _PID.unpack_from(body)[0]
+                off = 2 + tlen
+                if first & 0x06:
+                    replies.append(b"\x40\x02" + body[off : off + 2])
+                    off += 2
+                c.receipts += 1
+                _t, _idx, k = unpack(body, off)
+                t0 = cycle_at.pop(k, None)
+                if t0 is None:
+                    c.unknown_ids += 1
+                    continue
+                c.completed += 1
+                lat.send_to_receipt.append(now_ns - t0)
+            else:
+                c.unexpected += 1
+        c.sent += freed
+        c.acks += len(replies)
+        self.free += freed
+        n = self.room()
+        if n < self.free:
+            c.throttled += 1
+        self.send_now(n, perf_counter_ns(), replies)
+
+
+class MqttReceiver:
+    """Receives from one sender, checks order, PUBACKs each message, then
+    publishes its receipt (QoS 1) to the sender's topic."""
+
+    def __init__(self, shared: Shared, reply_topic: str) -> None:
+        self.shared = shared
+        self.expect = 1
+        self.head = publish_head(reply_topic, _PAY.size)[0]
+        self.pid = 0
+        self.outstanding = 0
+
+    def on_packets(self, conn: MqttConn, packets: list[tuple[int, bytes]], now_ns: int) -> None:
+        c = self.shared.counters
+        to_msg = self.shared.lat.send_to_msg
+        unpack = _PAY.unpack_from
+        replies: list[bytes] = []
+        expect = self.expect
+        head = self.head
+        pid = self.pid
+        pidpack = _PID.pack
+        for first, body in packets:
+            typ = first & 0xF0
+            if typ == PUBLISH:
+                tlen = _PID.unpack_from(body)[0]
+                off = 2 + tlen
+                if first & 0x06:
+                    replies.append(b"\x40\x02" + body[off : off + 2])
+                    off += 2
+                c.msgs += 1
+                t0, _idx, k = unpack(body, off)
+                to_msg.append(now_ns - t0)
+                if k == expect:
+                    expect += 1
+                elif k < expect:
+                    c.duplicates += 1
+                else:
+                    c.gaps += k - expect
+                    expect = k + 1
+                pid = pid % 0xFFFF + 1
+                replies.append(head + pidpack(pid) + body[off : off + _PAY.size])
+                self.outstanding += 1
+            elif typ == PUBACK:
+                self.outstanding -= 1
+            else:
+                c.unexpected += 1
+        self.expect = expect
+        self.pid = pid
+        if replies:
+            c.acks += len(replies)
+            conn.write(b"".join(replies))
+
+
+def host_port(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[1].split("/", 1)[0]
+    host, port = rest.rsplit(":", 1)
+    return host, int(port)
+
+
+def open_clients(
+    url: str, engine: Engine, n: int, shared: Shared, window: int, cap: int, timeout: float
+) -> tuple[list[MqttSender], list[MqttReceiver]]:
+    """``n`` receivers and ``n`` senders: all connections, then CONNECT+SUBSCRIBE
+    written on each (pipelined, as MQTT allows), then all CONNACKs and SUBACKs
+    read; only then do they join the engine."""
+    host, port = host_port(url)
+    run_id = os.urandom(4).hex()
+    deadline = time.monotonic() + timeout
+    names = [f"b{run_id}r{i}" for i in range(n)] + [f"b{run_id}s{i}" for i in range(n)]
+    socks = []
+    try:
+        for name in names:
+            s = socket.create_connection((host, port), timeout=timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            socks.append(s)
+            s.sendall(connect_packet(name) + subscribe_packet(1, f"bench/{name}", 1))
+        parsers = []
+        for name, s in zip(names, socks, strict=True):
+            p = Parser()
+            got = _recv_packets(s, p, 2, deadline)
+            (f1, b1), (f2, b2) = got[0], got[1]
+            if f1 != CONNACK or b1[1] != 0:
+                raise ConnectionLost(f"{name}: CONNACK refused: {f1:#x} {b1!r}")
+            if f2 != SUBACK or b2[2] != 1:
+                raise ConnectionLost(f"{name}: SUBACK not QoS 1: {f2:#x} {b2!r}")
+            if len(got) > 2:
+                shared.counters.unexpected += len(got) - 2
+            parsers.append(p)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    senders: list[MqttSender] = []
+    receivers: list[MqttReceiver] = []
+    for i in range(n):
+        rx = MqttReceiver(shared, f"bench/{names[n + i]}")
+        MqttConn(engine, socks[i], parsers[i], rx, names[i])
+        receivers.append(rx)
+    for i in range(n):
+        tx = MqttSender(shared, i, f"bench/{names[i]}", window, cap)
+        tx.conn = MqttConn(engine, socks[n + i], parsers[n + i], tx, names[n + i])
+        senders.append(tx)
+    return senders, receivers
