@@ -91,23 +91,27 @@ class Parser:
         i = 0
         n = len(buf)
         while i + 2 <= n:
-            first = buf[i]
-            length = 0
-            shift = 0
-            j = i + 1
-            complete = False
-            while j < n and j < i + 5:
-                b = buf[j]
-                j += 1
-                length |= (b & 0x7F) << shift
-                shift += 7
-                if not b & 0x80:
-                    complete = True
+            length = buf[i + 1]
+            j = i + 2
+            if length & 0x80:  # multi-byte remaining length (not in this cycle's packets)
+                length &= 0x7F
+                shift = 7
+                complete = False
+                while j < n and j < i + 5:
+                    b = buf[j]
+                    j += 1
+                    length |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        complete = True
+                        break
+                if not complete:
                     break
-            if not complete or j + length > n:
+            end = j + length
+            if end > n:
                 break
-            out.append((first, buf[j : j + length]))
-            i = j + length
+            out.append((buf[i], buf[j:end]))
+            i = end
         self.buf = buf[i:]
         return out
 
@@ -257,15 +261,14 @@ class MqttSender:
         for first, body in packets:
             typ = first & 0xF0
             if typ == PUBACK:
-                t0 = sent_at.pop(_PID.unpack_from(body)[0], None)
+                t0 = sent_at.pop(body[0] << 8 | body[1], None)
                 if t0 is None:
                     c.unknown_ids += 1
                     continue
                 freed += 1
                 lat.send_to_sent.append(now_ns - t0)
             elif typ == PUBLISH:
-                tlen = _PID.unpack_from(body)[0]
-                off = 2 + tlen
+                off = 2 + (body[0] << 8 | body[1])
                 if first & 0x06:
                     replies.append(b"\x40\x02" + body[off : off + 2])
                     off += 2
@@ -311,8 +314,7 @@ class MqttReceiver:
         for first, body in packets:
             typ = first & 0xF0
             if typ == PUBLISH:
-                tlen = _PID.unpack_from(body)[0]
-                off = 2 + tlen
+                off = 2 + (body[0] << 8 | body[1])
                 if first & 0x06:
                     replies.append(b"\x40\x02" + body[off : off + 2])
                     off += 2
