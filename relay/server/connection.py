@@ -70,6 +70,7 @@ from relay.store.base import (
     InboxEntry,
     RegisterUser,
     ReleaseBodies,
+    Store,
     Stored,
     StoreMessage,
     group_of_body,
@@ -438,7 +439,7 @@ class Connection:
         floor = self.server.ack_floors.get((user, device), 0)
         if floor:
             self.window.start_at(floor)
-            pending -= sum(1 for e in store.read_inbox(user, device, 0, 4 * self.settings.window) if e.seq <= floor)
+            pending -= _count_up_to(store, user, device, floor)
         self._queue_reply(frames.encode_ready(user, device, max(0, pending)))
         self._ready = True
         self.wake()
@@ -542,7 +543,7 @@ class Connection:
 
         delete_writer = server.writer_for(user)
         if not receipt_tails:
-            await delete_writer.submit(delete, deleted)
+            delete_writer.submit_delete(delete, deleted)
             return
         # Receipts are committed before the acked entries are deleted, so a
         # crash in between repeats a receipt rather than losing one.
@@ -554,7 +555,7 @@ class Connection:
             if isinstance(result, Appended):
                 server.router.deliver(sender, result.entries)
             if remaining == 0:
-                delete_writer.submit_followup(delete, deleted)
+                delete_writer.submit_delete(delete, deleted)
 
         for sender, tails in receipt_tails.items():
             skip = device if sender == user else None
@@ -693,6 +694,20 @@ class Connection:
                 if close_now:
                     self._close_sent.set()
                     return
+
+
+def _count_up_to(store: Store, user: str, device: int, seq: int) -> int:
+    """Entries of (user, device) with seq <= ``seq`` still in the store."""
+    count = after = 0
+    while True:
+        chunk = store.read_inbox(user, device, after, 1024)
+        for entry in chunk:
+            if entry.seq > seq:
+                return count
+            count += 1
+        if len(chunk) < 1024:
+            return count
+        after = chunk[-1].seq
 
 
 def _ref_of(event: frames.ClientEvent) -> object:

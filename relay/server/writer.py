@@ -11,6 +11,7 @@ load, batches grow by themselves and the cost of a sync is shared.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -18,9 +19,16 @@ from typing import Any
 
 import trio
 
-from relay.store.base import Store, WriteOp
+from relay.store.base import DeleteUpTo, Store, WriteOp
 
 log = logging.getLogger(__name__)
+
+LAZY_DELETE_S = 0.02
+
+
+def _call_all(callbacks: list[Callback], result: object) -> None:
+    for callback in callbacks:
+        callback(result)
 
 Callback = Callable[[object], None]
 
@@ -34,6 +42,11 @@ class GroupCommitWriter:
         # Ops that commit callbacks queue (the next step of an ACK or a
         # fan-out): kept in commit order and taken first, without a task.
         self._followups: deque[tuple[WriteOp, Callback | None]] = deque()
+        # Inbox deletes after ACKs, one per device (a later ACK replaces an
+        # earlier one): they ride along with the next batch, or commit on
+        # their own after LAZY_DELETE_S. Acked entries are already hidden by
+        # the server's ack floors, so nothing waits on them.
+        self._deletes: dict[tuple[str, int], tuple[DeleteUpTo, list[Callback]]] = {}
         self.batches = 0
         self.ops = 0
 
@@ -69,6 +82,28 @@ class GroupCommitWriter:
         with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
             self._send.send_nowait(None)  # wake an idle writer; a busy one looks anyway
 
+    def submit_delete(self, op: DeleteUpTo, on_done: Callback) -> None:
+        """Queue a cumulative inbox delete; merged with any pending one for the
+        same device. ``on_done`` gets the merged op's result."""
+        if self._closed:
+            return
+        key = (op.user, op.device)
+        pending = self._deletes.get(key)
+        if pending is None:
+            self._deletes[key] = (op, [on_done])
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._send.send_nowait(None)  # an idle writer starts its timer
+            return
+        previous, callbacks = pending
+        callbacks.append(on_done)
+        if op.seq > previous.seq:
+            self._deletes[key] = (op, callbacks)
+
+    def _take_deletes(self) -> list[tuple[WriteOp, Callback | None]]:
+        deletes = self._deletes
+        self._deletes = {}
+        return [(op, functools.partial(_call_all, callbacks)) for op, callbacks in deletes.values()]
+
     async def call(self, op: WriteOp) -> object:
         """Submit ``op`` and wait for its committed result (or exception, returned)."""
         done = trio.Event()
@@ -97,17 +132,22 @@ class GroupCommitWriter:
         followups = self._followups
         async with receive:
             while True:
+                first = None
+                flush_deletes = False
                 if not followups:
                     try:
-                        first = await receive.receive()
+                        if self._deletes:
+                            with trio.move_on_after(LAZY_DELETE_S) as waited:
+                                first = await receive.receive()
+                            flush_deletes = waited.cancelled_caught
+                        else:
+                            first = await receive.receive()
                     except trio.EndOfChannel:
                         self._closed = True
-                        if not followups:
+                        if not followups and not self._deletes:
                             return
-                        first = None
-                    batch: list[tuple[WriteOp, Callback | None]] = [] if first is None else [first]
-                else:
-                    batch = []
+                        flush_deletes = True
+                batch: list[tuple[WriteOp, Callback | None]] = [] if first is None else [first]
                 # Follow-ups first: they continue work admitted earlier.
                 if followups:
                     batch[:0] = [followups.popleft() for _ in range(min(len(followups), self.max_batch))]
@@ -118,6 +158,8 @@ class GroupCommitWriter:
                         break
                     if item is not None:
                         batch.append(item)
+                if self._deletes and (batch or flush_deletes):
+                    batch.extend(self._take_deletes())
                 if not batch:
                     continue
                 ops = [op for op, _ in batch]

@@ -1,0 +1,36 @@
+"""The group-commit writer: follow-ups keep their order, ACK deletes merge per device."""
+
+from __future__ import annotations
+
+import trio
+
+from relay.server.writer import LAZY_DELETE_S, GroupCommitWriter
+from relay.store.base import DeleteUpTo, RegisterUser, StoreMessage
+from relay.store.lmdb_store import LmdbStore
+
+
+async def test_deletes_merge_per_device_and_ride_along(tmp_path):
+    store = LmdbStore(tmp_path / "s", shards=1, map_size=32 << 20)
+    writer = GroupCommitWriter(store, 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        assert await writer.call(RegisterUser("bob", b"k" * 32, 1)) is True
+        for i in range(6):
+            await writer.call(StoreMessage("alice", 1, bytes([i]) * 16, "bob", {1: b"x"}, i))
+        ops_before = writer.ops
+        results: list[object] = []
+        for seq in (2, 4, 3):
+            writer.submit_delete(DeleteUpTo("bob", 1, seq), results.append)
+        # Nothing else to commit: the merged delete goes on its own after the delay.
+        with trio.fail_after(5):
+            while len(results) < 3:
+                await trio.sleep(LAZY_DELETE_S / 4)
+        assert results == [4, 4, 4], "one delete, up to the highest acked seq, answers every ACK"
+        assert writer.ops == ops_before + 1
+        assert [e.seq for e in store.read_inbox("bob", 1, 0, 10)] == [5, 6]
+        # A pending delete rides along with the next ordinary batch.
+        writer.submit_delete(DeleteUpTo("bob", 1, 5), results.append)
+        await writer.call(StoreMessage("alice", 1, b"z" * 16, "bob", {1: b"y"}, 9))
+        assert results[-1] == 1
+        writer.close()
+    store.close()
