@@ -107,6 +107,8 @@ class Connection:
         self._parking: ParkedConnection | None = None
         self._pump_waiting = False
         self._last_input = trio.current_time()
+        self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._wait_first = False
         self.settings = server.settings
         self.fp = server.fastpath
         self.stream = stream
@@ -308,7 +310,7 @@ class Connection:
                 if park_after > 0 and not self._closing:
                     wait_until = min(wait_until, trio.current_time() + park_after)
                 with trio.move_on_at(wait_until) as wait_scope:
-                    data = bytes(await self.stream.receive_some(RECEIVE_BYTES))
+                    data = await self._receive()
                 if wait_scope.cancelled_caught:
                     data = b""
                     if trio.current_time() >= idle_deadline:
@@ -324,6 +326,37 @@ class Connection:
                 if not data:
                     self._peer_closed = True
                     return
+
+    async def _receive(self) -> bytes:
+        """The next bytes from the socket (b"" at EOF).
+
+        On a socket, waits for readability first after a small read (a
+        client sending one frame at a time, where the next recv would
+        almost always fail) instead of paying a failed recv and a second
+        wake-up every time, and reads straight away while big batches keep
+        coming.
+        """
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return bytes(await stream.receive_some(RECEIVE_BYTES))
+        fd = self._fd
+        if self._wait_first:
+            await trio.lowlevel.wait_readable(fd)
+        else:
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                data = os.read(fd, RECEIVE_BYTES)
+            except BlockingIOError:
+                self._wait_first = True
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            except (ConnectionResetError, TimeoutError):
+                return b""
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"read failed: {exc}") from exc
+            self._wait_first = len(data) < 4096
+            return data
 
     async def _handle_bytes(self, data: bytes) -> bool:
         """Serve what ``data`` completes; True when the connection is over."""
