@@ -32,16 +32,11 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import msgpack
-import nacl.bindings
-import nacl.exceptions
-import nacl.signing
 import trio
 
 from relay.errors import (
-    BAD_REQUEST,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
-    CLOSE_POLICY,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_REPLACED,
     CLOSE_UNSUPPORTED_DATA,
@@ -49,10 +44,8 @@ from relay.errors import (
     INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
-    UNAUTHORIZED,
     UNAVAILABLE,
     FrameError,
-    StoreError,
     StoreFullError,
 )
 from relay.protocol import frames
@@ -60,6 +53,7 @@ from relay.protocol.handshake import ServerHandshake
 from relay.protocol.limits import TokenBucket
 from relay.protocol.session import Session
 from relay.protocol.window import DeliveryWindow
+from relay.server import auth
 from relay.server.clock import now_ms
 from relay.store.base import (
     ENTRY_MSG,
@@ -68,7 +62,6 @@ from relay.store.base import (
     AppendEntries,
     DeleteUpTo,
     InboxEntry,
-    RegisterUser,
     ReleaseBodies,
     Store,
     Stored,
@@ -86,7 +79,6 @@ RECEIVE_BYTES = 65536
 MAX_QUEUED_REPLIES = 4096
 MAX_QUEUED_SIGNALS = 64
 CLOSE_TIMEOUT_S = 2.0
-AUTH_CONTEXT = b"relay-auth-v1"
 
 
 def encode_close(fp: ModuleType, code: int, reason: str = "") -> bytes:
@@ -431,35 +423,11 @@ class Connection:
 
     # --- authentication -------------------------------------------------------
 
-    def _signed(self) -> bytes:
-        return AUTH_CONTEXT + self.settings.server_name.encode() + self.challenge
-
     async def _serve_auth(self, event: frames.Auth) -> None:
-        record = self.server.store.get_user(event.user)
-        key = None if record is None else record.devices.get(event.device)
-        if key is None or not _verify(key, self._signed(), event.sig):
-            raise FrameError(UNAUTHORIZED, "authentication failed", ref=frames.AUTH, close=CLOSE_POLICY)
-        self._attach(event.user, event.device)
+        self._attach(*auth.check_auth(self.server, self.challenge, event))
 
     async def _serve_register(self, event: frames.Register) -> None:
-        ref = frames.REGISTER
-        token = self.settings.registration_token
-        if token is not None and event.token != token:
-            raise FrameError(FORBIDDEN, "registration token refused", ref=ref, close=CLOSE_POLICY)
-        try:
-            nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(event.identity_key)
-        except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, ValueError):
-            raise FrameError(BAD_REQUEST, "identity_key is not a usable Ed25519 key", ref=ref, close=CLOSE_POLICY) from None
-        if not _verify(event.identity_key, self._signed(), event.sig):
-            raise FrameError(UNAUTHORIZED, "bad signature", ref=ref, close=CLOSE_POLICY)
-        result = await self.server.writer_for(event.user).call(RegisterUser(event.user, event.identity_key, now_ms()))
-        if isinstance(result, FrameError):
-            result.ref, result.close = ref, CLOSE_POLICY
-            raise result
-        if isinstance(result, StoreError):
-            code = UNAVAILABLE if isinstance(result, StoreFullError) else INTERNAL
-            raise FrameError(code, str(result), ref=ref, close=CLOSE_POLICY)
-        self._attach(event.user, 1)
+        self._attach(*await auth.register(self.server, self.challenge, event))
 
     def _attach(self, user: str, device: int) -> None:
         self.user, self.device = user, device
@@ -754,14 +722,6 @@ def _ref_of(event: frames.ClientEvent) -> object:
         frames.Request: frames.REQ,
         frames.Signal: frames.SIGNAL,
     }.get(type(event))
-
-
-def _verify(key: bytes, message: bytes, sig: bytes) -> bool:
-    try:
-        nacl.signing.VerifyKey(key).verify(message, sig)
-    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError, ValueError):
-        return False
-    return True
 
 
 def _msg_header(tail: bytes) -> tuple[bytes, str]:

@@ -1,0 +1,79 @@
+"""Who is on the other end: AUTH and REGISTER checks.
+
+The only place the server touches PyNaCl, and only to verify Ed25519
+signatures over ``b"relay-auth-v1" + server_name + challenge`` (the
+challenge is the connection's, sent in HELLO). Each function returns the
+authenticated (user, device) or raises :class:`FrameError` carrying the ERROR
+and the close code 1008 that PROTOCOL.md asks for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+
+from relay.errors import (
+    BAD_REQUEST,
+    CLOSE_POLICY,
+    FORBIDDEN,
+    INTERNAL,
+    UNAUTHORIZED,
+    UNAVAILABLE,
+    FrameError,
+    StoreError,
+    StoreFullError,
+)
+from relay.protocol import frames
+from relay.server.clock import now_ms
+from relay.store.base import RegisterUser
+
+if TYPE_CHECKING:
+    from relay.server.app import RelayServer
+
+AUTH_CONTEXT = b"relay-auth-v1"
+
+
+def signed_message(server_name: str, challenge: bytes) -> bytes:
+    return AUTH_CONTEXT + server_name.encode() + challenge
+
+
+def verify(key: bytes, message: bytes, sig: bytes) -> bool:
+    try:
+        nacl.signing.VerifyKey(key).verify(message, sig)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError, ValueError):
+        return False
+    return True
+
+
+def check_auth(server: RelayServer, challenge: bytes, event: frames.Auth) -> tuple[str, int]:
+    """An existing device: unknown user, unknown device and bad signature are one 401."""
+    record = server.store.get_user(event.user)
+    key = None if record is None else record.devices.get(event.device)
+    if key is None or not verify(key, signed_message(server.settings.server_name, challenge), event.sig):
+        raise FrameError(UNAUTHORIZED, "authentication failed", ref=frames.AUTH, close=CLOSE_POLICY)
+    return event.user, event.device
+
+
+async def register(server: RelayServer, challenge: bytes, event: frames.Register) -> tuple[str, int]:
+    """A new account: token, usable key, signature, then the durable record (device 1)."""
+    ref = frames.REGISTER
+    token = server.settings.registration_token
+    if token is not None and event.token != token:
+        raise FrameError(FORBIDDEN, "registration token refused", ref=ref, close=CLOSE_POLICY)
+    try:
+        nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(event.identity_key)
+    except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, ValueError):
+        raise FrameError(BAD_REQUEST, "identity_key is not a usable Ed25519 key", ref=ref, close=CLOSE_POLICY) from None
+    if not verify(event.identity_key, signed_message(server.settings.server_name, challenge), event.sig):
+        raise FrameError(UNAUTHORIZED, "bad signature", ref=ref, close=CLOSE_POLICY)
+    result = await server.writer_for(event.user).call(RegisterUser(event.user, event.identity_key, now_ms()))
+    if isinstance(result, FrameError):
+        result.ref, result.close = ref, CLOSE_POLICY
+        raise result
+    if isinstance(result, StoreError):
+        code = UNAVAILABLE if isinstance(result, StoreFullError) else INTERNAL
+        raise FrameError(code, str(result), ref=ref, close=CLOSE_POLICY)
+    return event.user, 1
