@@ -42,22 +42,17 @@ class Role(Protocol):
     def on_messages(self, conn: Conn, messages: list[bytes], now_ns: int) -> None: ...
 
 
-class Conn:
-    """One non-blocking client connection driven by :class:`Engine`."""
+class BufferedWriter:
+    """Writes to a non-blocking socket, holding what the kernel refuses until
+    :class:`Engine` sees EPOLLOUT; shared by every protocol's connection."""
 
-    __slots__ = ("sock", "fd", "parser", "session", "role", "out", "engine", "name", "closed")
+    __slots__ = ("sock", "fd", "out", "engine", "name")
 
-    def __init__(self, engine: Engine, session: Session, role: Role) -> None:
-        self.engine = engine
-        self.session = session
-        self.sock = session.sock
-        self.sock.setblocking(False)
-        self.fd = self.sock.fileno()
-        self.parser: ServerFrameParser = session.parser
-        self.role = role
-        self.out = b""
-        self.name = session.user
-        self.closed = False
+    sock: socket.socket
+    fd: int
+    out: bytes
+    engine: Engine
+    name: str
 
     def write(self, data: bytes) -> None:
         """Send now; whatever the kernel does not take waits for EPOLLOUT."""
@@ -86,6 +81,24 @@ class Conn:
         self.out = self.out[n:]
         if not self.out:
             self.engine.ep.modify(self.fd, EPOLLIN)
+
+
+class Conn(BufferedWriter):
+    """One non-blocking client connection driven by :class:`Engine`."""
+
+    __slots__ = ("parser", "session", "role", "closed")
+
+    def __init__(self, engine: Engine, session: Session, role: Role) -> None:
+        self.engine = engine
+        self.session = session
+        self.sock = session.sock
+        self.sock.setblocking(False)
+        self.fd = self.sock.fileno()
+        self.parser: ServerFrameParser = session.parser
+        self.role = role
+        self.out = b""
+        self.name = session.user
+        self.closed = False
 
     def on_readable(self) -> None:
         try:

@@ -27,7 +27,7 @@ import struct
 import time
 from typing import Any
 
-from bench.engine import EPOLLIN, EPOLLOUT, ConnectionLost, Engine
+from bench.engine import EPOLLIN, BufferedWriter, ConnectionLost, Engine
 from bench.workload import _PAD, _PAY, Shared
 
 RECV_SIZE = 1 << 18
@@ -130,10 +130,10 @@ def _recv_packets(sock: socket.socket, parser: Parser, want: int, deadline: floa
     return got
 
 
-class MqttConn:
+class MqttConn(BufferedWriter):
     """One non-blocking MQTT connection driven by :class:`bench.engine.Engine`."""
 
-    __slots__ = ("sock", "fd", "parser", "role", "out", "engine", "name", "closed")
+    __slots__ = ("parser", "role", "closed")
 
     def __init__(self, engine: Engine, sock: socket.socket, parser: Parser, role: Any, name: str) -> None:
         self.engine = engine
@@ -147,33 +147,6 @@ class MqttConn:
         self.closed = False
         engine.conns[self.fd] = self  # type: ignore[assignment]
         engine.ep.register(self.fd, EPOLLIN)
-
-    def write(self, data: bytes) -> None:
-        if self.out:
-            self.out += data
-            return
-        try:
-            n = self.sock.send(data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            raise ConnectionLost(f"{self.name}: send failed: {exc}") from exc
-        if n < len(data):
-            self.out = data[n:]
-            self.engine.ep.modify(self.fd, EPOLLIN | EPOLLOUT)
-
-    def flush(self) -> None:
-        if not self.out:
-            return
-        try:
-            n = self.sock.send(self.out)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            raise ConnectionLost(f"{self.name}: send failed: {exc}") from exc
-        self.out = self.out[n:]
-        if not self.out:
-            self.engine.ep.modify(self.fd, EPOLLIN)
 
     def on_readable(self) -> None:
         try:
