@@ -607,6 +607,34 @@ def test_session_answers_every_frame(objs, ready):
         assert len(out) == len(objs)
 
 
+def _same_unpack(session: Session, data: bytes) -> None:
+    fast_objs, fast_error = session._unpack(data)
+    objs, error = session._unpack_stream(data)
+    assert fast_objs == objs
+    if error is None:
+        assert fast_error is None
+    else:
+        assert fast_error is not None
+        assert (fast_error.code, fast_error.reason, fast_error.malformed) == (error.code, error.reason, error.malformed)
+
+
+@UNIT
+@given(st.one_of(garbage, st.binary(max_size=2000)))
+def test_single_frame_shortcut_matches_general_unpack_on_garbage(data):
+    """The one-frame unpackb shortcut decodes exactly what the Unpacker path does."""
+    _same_unpack(Session(), data)
+
+
+@settings(UNIT, max_examples=80)
+@given(st.lists(st.one_of(msgpack_objects, frame_like), min_size=1, max_size=4), st.integers(min_value=0, max_value=3))
+def test_single_frame_shortcut_matches_general_unpack_on_frames(objs, cut):
+    """Same objects and errors for one frame, several, and truncated ones."""
+    data = packed(objs)
+    _same_unpack(Session(), data)
+    if cut and len(data) > cut:
+        _same_unpack(Session(), data[:-cut])
+
+
 @UNIT
 @given(st.lists(st.binary(max_size=200), min_size=1, max_size=30))
 def test_session_malformed_budget(messages):
