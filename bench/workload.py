@@ -89,6 +89,15 @@ class Shared:
             self.counters.error_samples.append(repr(frame)[:200])
 
 
+def ws_messages(frames: list[bytes], single: bool) -> bytes:
+    """The bytes of one socket write carrying ``frames``: all in one WebSocket
+    message, or (``single``) one WebSocket message per frame, as a client that
+    sends every message on its own does."""
+    if single:
+        return b"".join([encode_binary(f) for f in frames])
+    return encode_binary(b"".join(frames))
+
+
 class Sender:
     """Sends to one receiver; ``window`` bounds SENDs without SENT, ``cap`` bounds
     messages without RECEIPT (so the relay's inboxes cannot grow without bound)."""
@@ -107,6 +116,7 @@ class Sender:
         self.cycle_at: dict[bytes, int] = {}
         self.conn: Conn | None = None
         self.closed_loop = True
+        self.single_frames = False
 
     def build(self, n: int, t_ns: int) -> list[bytes]:
         """``n`` SEND frames stamped ``t_ns``; updates the window bookkeeping."""
@@ -138,7 +148,7 @@ class Sender:
         if n > 0:
             parts.extend(self.build(n, t_ns))
         if parts and self.conn is not None:
-            self.conn.write(encode_binary(b"".join(parts)))
+            self.conn.write(ws_messages(parts, self.single_frames))
 
     def on_messages(self, conn: Conn, messages: list[bytes], now_ns: int) -> None:
         shared = self.shared
@@ -200,7 +210,7 @@ class Sender:
                 c.throttled += 1
             self.send_now(n, perf_counter_ns(), acks)
         elif acks:
-            conn.write(encode_binary(b"".join(acks)))
+            conn.write(ws_messages(acks, self.single_frames))
 
 
 class Receiver:
@@ -210,6 +220,7 @@ class Receiver:
         self.shared = shared
         self.expect = 1
         self.ack_per_read = ack_per_read
+        self.single_frames = False
 
     def on_messages(self, conn: Conn, messages: list[bytes], now_ns: int) -> None:
         shared = self.shared
@@ -253,4 +264,4 @@ class Receiver:
             acks.append(ack_frame(top_read))
         if acks:
             c.acks += len(acks)
-            conn.write(encode_binary(b"".join(acks)))
+            conn.write(ws_messages(acks, self.single_frames))

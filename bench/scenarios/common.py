@@ -30,6 +30,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="one cumulative ACK per received WebSocket message (default), or one per socket read",
     )
     parser.add_argument(
+        "--framing",
+        choices=("packed", "single"),
+        default="packed",
+        help="frames written together go in one WebSocket message (default), or one WebSocket message each",
+    )
+    parser.add_argument(
         "--max-unreceipted",
         type=int,
         default=4096,
@@ -70,11 +76,13 @@ class PairsHarness:
                 self.shared.counters.unexpected += len(session.early) + session.pending
             if i < n:
                 role = Receiver(self.shared, ack_per_read)
+                role.single_frames = self.args.framing == "single"
                 self.receivers.append(role)
                 self.engine.add(session, role)
             else:
                 sender = Sender(self.shared, i - n, receivers[i - n], self.window, self.args.max_unreceipted, ack_per_read)
                 sender.closed_loop = self.closed_loop
+                sender.single_frames = self.args.framing == "single"
                 sender.conn = self.engine.add(session, sender)
                 self.senders.append(sender)
 

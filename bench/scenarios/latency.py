@@ -91,7 +91,7 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
         harness.close()
     result["offered_per_s"] = args.rate
     result["schedule_lag_ms"] = summarize_ns(schedule.lag_ns[lag_mark[0] :], QUANTILES)
-    result["params"] = {"pairs": args.pairs, "rate": args.rate, "payload_bytes": 100, "ack": args.ack}
+    result["params"] = {"pairs": args.pairs, "rate": args.rate, "payload_bytes": 100, "ack": args.ack, "framing": args.framing}
     result["anomalies"] = anomalies(result["run_totals"]) + disturbance(result["cpu"])
     if result["run_totals"].get("throttled"):
         result["anomalies"].append(

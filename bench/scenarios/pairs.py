@@ -38,7 +38,7 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
         result = harness.measure(relay_pid, lambda now: None, alive)
     finally:
         harness.close()
-    result["params"] = {"pairs": args.pairs, "window": args.window, "payload_bytes": 100, "ack": args.ack}
+    result["params"] = {"pairs": args.pairs, "window": args.window, "payload_bytes": 100, "ack": args.ack, "framing": args.framing}
     if mqtt:
         result["params"].update(protocol="MQTT 3.1.1", qos=1, clean_session=False, ack="PUBACK per message")
     result["anomalies"] = anomalies(result["run_totals"]) + disturbance(result["cpu"])
