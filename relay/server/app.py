@@ -26,6 +26,7 @@ from relay.errors import CLOSE_GOING_AWAY, ConfigError
 from relay.server.clock import now_ms
 from relay.server.connection import Connection, encode_close
 from relay.server.groups import Groups
+from relay.server.memory import HeapTrimmer
 from relay.server.parking import ParkingLot
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
@@ -57,6 +58,7 @@ class RelayServer:
         self.router = Router()
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
+        self.heap = HeapTrimmer()
         self.parking = ParkingLot(self)
         self.connections: set[Connection] = set()
         # (user, device) -> seq acked but whose delete is not committed yet, so
@@ -113,6 +115,7 @@ class RelayServer:
             "connections": len(self.connections),
             "online_devices": self.router.count(),
             "parking": self.parking.statistics(),
+            "heap_trims": self.heap.trims,
             "writers": [w.statistics() for w in self.writers],
             "fastpath": self.fastpath.IMPLEMENTATION,
         }
@@ -129,6 +132,7 @@ class RelayServer:
                     self.port = listeners[0].socket.getsockname()[1]
                     nursery.start_soon(self._sweep_forever)
                     await nursery.start(self.parking.run)
+                    await nursery.start(self.heap.run)
                     nursery.start_soon(self._accept, listeners, nursery)
                     log.info("relay listening on %s (fast path: %s)", self.url, self.fastpath.IMPLEMENTATION)
                     task_status.started(self.port)

@@ -130,6 +130,7 @@ class ParkingLot:
         self._by_fd[fd] = parked
         heapq.heappush(self._deadlines, (parked.idle_deadline, fd, id(parked)))
         self.parked_total += 1
+        self.server.heap.note_parked()
         self._changed.set()
 
     def revive(self, parked: ParkedConnection) -> Connection | None:

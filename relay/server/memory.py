@@ -1,0 +1,76 @@
+"""Give the heap back to the system after a burst of connections went idle.
+
+A connection that is served holds buffers, a task and its objects; once it
+parks, all of that is freed, but glibc keeps freed heap pages mapped for
+reuse, so the relay's RSS stays at its busiest moment. ``malloc_trim(0)``
+returns the free pages (the middle of the heap too, with MADV_DONTNEED).
+It walks the heap, so it runs in a thread, once the parking has been quiet
+for a moment, and only after enough connections parked to be worth it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+
+import trio
+
+log = logging.getLogger(__name__)
+
+QUIET_S = 1.0  # no parking for this long: the burst is over
+MIN_PARKED = 256  # connections parked since the last trim
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+class HeapTrimmer:
+    """Counts parkings; :meth:`run` trims the heap after a quiet moment."""
+
+    def __init__(self, malloc_trim: Callable[[int], int] | None | str = "glibc") -> None:
+        """``malloc_trim``: the C library's (default), a stand-in, or None for never."""
+        self._trim = _load_malloc_trim() if isinstance(malloc_trim, str) else malloc_trim
+        self._parked_since_trim = 0
+        self._last_parked = 0.0
+        self._burst = trio.Event()
+        self.trims = 0
+
+    @property
+    def available(self) -> bool:
+        return self._trim is not None
+
+    def note_parked(self) -> None:
+        self._parked_since_trim += 1
+        self._last_parked = trio.current_time()
+        if self._parked_since_trim >= MIN_PARKED:
+            self._burst.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        trim = self._trim
+        if trim is None:
+            return
+        while True:
+            await self._burst.wait()
+            # Wait for the burst to end: every parking moves the moment on.
+            while (quiet_at := self._last_parked + QUIET_S) > trio.current_time():
+                await trio.sleep_until(quiet_at)
+            self._parked_since_trim = 0
+            self._burst = trio.Event()
+            # ctypes releases the GIL for the call: the event loop goes on.
+            released = await trio.to_thread.run_sync(trim, 0)
+            self.trims += 1
+            log.debug("heap trimmed after a burst of parked connections (released: %s)", bool(released))
