@@ -47,6 +47,7 @@ def _add_serve(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _serve(args: argparse.Namespace) -> int:
     from relay.server.app import RelayServer
+    from relay.server.memory import tune_gc
 
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -66,6 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(server.run)
+            tune_gc()
             print(f"listening ws://{settings.host}:{port}/v1", flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for signum in signals:

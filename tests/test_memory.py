@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+
 import trio
 import trio.testing
 
 from relay.server import memory
-from relay.server.memory import MIN_PARKED, QUIET_S, HeapTrimmer
+from relay.server.memory import GC_THRESHOLDS, MIN_PARKED, QUIET_S, HeapTrimmer, tune_gc
 
 
 async def until_trimmed(trimmer: HeapTrimmer, count: int) -> None:
@@ -30,7 +32,8 @@ class FakeTrim:
 
 async def test_trims_once_after_a_quiet_burst(autojump_clock: trio.testing.MockClock) -> None:
     fake = FakeTrim()
-    trimmer = HeapTrimmer(fake)
+    collections: list[int] = []
+    trimmer = HeapTrimmer(fake, collect=lambda: collections.append(len(fake.calls)))
     async with trio.open_nursery() as nursery:
         await nursery.start(trimmer.run)
         for _ in range(MIN_PARKED):
@@ -40,6 +43,7 @@ async def test_trims_once_after_a_quiet_burst(autojump_clock: trio.testing.MockC
         assert fake.calls == []  # not quiet long enough yet
         await until_trimmed(trimmer, 1)
         assert fake.calls == [0]
+        assert collections == [0]  # a full collection, before the trim
         assert trimmer.trims == 1
         await trio.sleep(10 * QUIET_S)
         assert len(fake.calls) == 1  # nothing parked since
@@ -75,3 +79,15 @@ def test_glibc_malloc_trim_is_found_here() -> None:
     trim = memory._load_malloc_trim()
     assert trim is not None
     assert trim(0) in (0, 1)
+
+
+def test_tune_gc_raises_thresholds_and_freezes() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 0
+        assert gc.isenabled()  # slower, never off: cyclic garbage is still collected
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
