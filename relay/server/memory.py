@@ -26,7 +26,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
-GC_THRESHOLDS = (50_000, 20, 100)
+GC_THRESHOLDS = (200_000, 50, 1000)
 QUIET_S = 1.0  # no parking for this long: the burst is over
 MIN_PARKED = 256  # connections parked since the last trim
 
@@ -51,7 +51,7 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
     ``gc.freeze()`` moves everything allocated at start-up out of the
     collector's view (it is never garbage), and the higher thresholds make
     collections rare. Cyclic garbage is still collected: each young
-    collection after 50,000 net allocations, and :class:`HeapTrimmer` runs a
+    collection after 200,000 net allocations, and :class:`HeapTrimmer` runs a
     full one after a burst. A library user (tests, an embedding program)
     keeps its own GC settings: only ``relay serve`` calls this.
     """
