@@ -82,6 +82,8 @@ class Shared:
     def __init__(self) -> None:
         self.counters = Counters()
         self.lat = Latencies()
+        # One WebSocket message per frame (bench --framing single), for every role.
+        self.single_frames = False
 
     def record_error(self, frame: Any) -> None:
         self.counters.errors += 1
@@ -116,7 +118,6 @@ class Sender:
         self.cycle_at: dict[bytes, int] = {}
         self.conn: Conn | None = None
         self.closed_loop = True
-        self.single_frames = False
 
     def build(self, n: int, t_ns: int) -> list[bytes]:
         """``n`` SEND frames stamped ``t_ns``; updates the window bookkeeping."""
@@ -148,7 +149,7 @@ class Sender:
         if n > 0:
             parts.extend(self.build(n, t_ns))
         if parts and self.conn is not None:
-            self.conn.write(ws_messages(parts, self.single_frames))
+            self.conn.write(ws_messages(parts, self.shared.single_frames))
 
     def on_messages(self, conn: Conn, messages: list[bytes], now_ns: int) -> None:
         shared = self.shared
@@ -210,7 +211,7 @@ class Sender:
                 c.throttled += 1
             self.send_now(n, perf_counter_ns(), acks)
         elif acks:
-            conn.write(ws_messages(acks, self.single_frames))
+            conn.write(ws_messages(acks, self.shared.single_frames))
 
 
 class Receiver:
@@ -220,7 +221,6 @@ class Receiver:
         self.shared = shared
         self.expect = 1
         self.ack_per_read = ack_per_read
-        self.single_frames = False
 
     def on_messages(self, conn: Conn, messages: list[bytes], now_ns: int) -> None:
         shared = self.shared
@@ -264,4 +264,4 @@ class Receiver:
             acks.append(ack_frame(top_read))
         if acks:
             c.acks += len(acks)
-            conn.write(ws_messages(acks, self.single_frames))
+            conn.write(ws_messages(acks, self.shared.single_frames))

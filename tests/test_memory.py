@@ -76,7 +76,7 @@ async def test_without_malloc_trim_the_task_ends() -> None:
 
 def test_glibc_malloc_trim_is_found_here() -> None:
     # This machine (and CI) run glibc; elsewhere the trimmer turns itself off.
-    trim = memory._load_malloc_trim()
+    trim = memory.load_malloc_trim()
     assert trim is not None
     assert trim(0) in (0, 1)
 

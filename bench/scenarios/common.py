@@ -66,6 +66,7 @@ class PairsHarness:
         receivers = [f"b{run_id}r{i}" for i in range(n)]
         senders = [f"b{run_id}s{i}" for i in range(n)]
         ack_per_read = self.args.ack == "read"
+        self.shared.single_frames = self.args.framing == "single"
         t0 = time.monotonic()
         sessions = open_sessions(
             self.url, receivers + senders, register=True, timeout=self.args.setup_timeout, token=self.args.token
@@ -76,13 +77,11 @@ class PairsHarness:
                 self.shared.counters.unexpected += len(session.early) + session.pending
             if i < n:
                 role = Receiver(self.shared, ack_per_read)
-                role.single_frames = self.args.framing == "single"
                 self.receivers.append(role)
                 self.engine.add(session, role)
             else:
                 sender = Sender(self.shared, i - n, receivers[i - n], self.window, self.args.max_unreceipted, ack_per_read)
                 sender.closed_loop = self.closed_loop
-                sender.single_frames = self.args.framing == "single"
                 sender.conn = self.engine.add(session, sender)
                 self.senders.append(sender)
 

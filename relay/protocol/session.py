@@ -66,12 +66,10 @@ class Session:
         # is several times cheaper than building an Unpacker. Anything else
         # (several frames, garbage, a truncated frame) takes the general path,
         # which also finds the frames before an error.
-        if len(payload) <= self.max_message_size:
-            try:
-                return [msgpack.unpackb(payload, raw=False, strict_map_key=False)], None
-            except Exception:  # noqa: BLE001, S110 - the general path below reports it
-                pass
-        return self._unpack_stream(payload)
+        try:
+            return [msgpack.unpackb(payload, raw=False, strict_map_key=False)], None
+        except Exception:  # noqa: BLE001 - the general path below reports it
+            return self._unpack_stream(payload)
 
     def _unpack_stream(self, payload: bytes) -> tuple[list[object], FrameError | None]:
         unpacker = msgpack.Unpacker(

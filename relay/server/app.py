@@ -26,7 +26,7 @@ from relay.errors import CLOSE_GOING_AWAY, ConfigError
 from relay.server.clock import now_ms
 from relay.server.connection import Connection, encode_close
 from relay.server.groups import Groups
-from relay.server.memory import HeapTrimmer
+from relay.server.memory import HeapTrimmer, load_malloc_trim
 from relay.server.parking import ParkingLot
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
@@ -58,7 +58,7 @@ class RelayServer:
         self.router = Router()
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
-        self.heap = HeapTrimmer()
+        self.heap = HeapTrimmer(load_malloc_trim())
         self.parking = ParkingLot(self)
         self.connections: set[Connection] = set()
         # (user, device) -> seq acked but whose delete is not committed yet, so

@@ -17,7 +17,6 @@ for a moment, and only after enough connections parked to be worth it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 from collections.abc import Callable
@@ -31,13 +30,15 @@ QUIET_S = 1.0  # no parking for this long: the burst is over
 MIN_PARKED = 256  # connections parked since the last trim
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+def load_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS).
+
+    Looked up among the symbols already loaded into the process (libc is),
+    so no ``ctypes.util.find_library``, which runs ``ldconfig`` in a
+    subprocess.
+    """
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -62,11 +63,9 @@ def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
 class HeapTrimmer:
     """Counts parkings; :meth:`run` trims the heap after a quiet moment."""
 
-    def __init__(
-        self, malloc_trim: Callable[[int], int] | None | str = "glibc", collect: Callable[[], object] = gc.collect
-    ) -> None:
-        """``malloc_trim``: the C library's (default), a stand-in, or None for never."""
-        self._trim = _load_malloc_trim() if isinstance(malloc_trim, str) else malloc_trim
+    def __init__(self, malloc_trim: Callable[[int], int] | None, collect: Callable[[], object] = gc.collect) -> None:
+        """``malloc_trim``: :func:`load_malloc_trim`'s, a stand-in, or None for never."""
+        self._trim = malloc_trim
         self._collect = collect
         self._parked_since_trim = 0
         self._last_parked = 0.0
