@@ -25,6 +25,7 @@ from relay.config import Settings
 from relay.errors import CLOSE_GOING_AWAY, ConfigError
 from relay.server.clock import now_ms
 from relay.server.connection import Connection, encode_close
+from relay.server.flush import OutputBatch
 from relay.server.groups import Groups
 from relay.server.memory import HeapTrimmer, load_malloc_trim
 from relay.server.parking import ParkingLot
@@ -52,8 +53,10 @@ class RelayServer:
         self.store = store or LmdbStore(
             settings.data, shards=settings.shards, map_size=settings.map_size_bytes, sync=settings.sync == "durable"
         )
+        self.output_batch = OutputBatch()
         self.writers = [
-            GroupCommitWriter(self.store, i, max_batch=settings.commit_batch_max) for i in range(self.store.shards)
+            GroupCommitWriter(self.store, i, max_batch=settings.commit_batch_max, output_batch=self.output_batch)
+            for i in range(self.store.shards)
         ]
         self.router = Router()
         self.requests = RequestHandler(self)
@@ -116,6 +119,8 @@ class RelayServer:
             "online_devices": self.router.count(),
             "parking": self.parking.statistics(),
             "heap_trims": self.heap.trims,
+            "direct_flushes": self.output_batch.flushes,
+            "short_direct_writes": self.output_batch.short_writes,
             "writers": [w.statistics() for w in self.writers],
             "fastpath": self.fastpath.IMPLEMENTATION,
         }

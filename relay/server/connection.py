@@ -5,10 +5,16 @@ Two tasks per live connection, both in the connection's nursery:
 * the **reader** moves bytes from the socket into the fast-path
   :class:`FrameParser`, hands binary messages to the :class:`Session` and
   serves the events it returns (calling the store, the writers, the router);
-* the **delivery pump** is the only task that writes to the socket: it
-  gathers queued replies (READY, SENT, RES, ERROR), ephemeral signals and,
-  within the flow window, inbox entries read from the store, and writes them
-  as few WebSocket messages as possible.
+* the **delivery pump** writes to the socket: it gathers queued replies
+  (READY, SENT, RES, ERROR), ephemeral signals and, within the flow window,
+  inbox entries read from the store, and writes them as few WebSocket
+  messages as possible.
+
+Output queued by a commit's callbacks (SENT, MSG, RECEIPT) skips the pump:
+the writer task gathers it the same way and writes it with one non-blocking
+send when its callbacks are done (:mod:`relay.server.flush`), which saves a
+task switch per connection per commit. Only while the pump is not writing;
+what the socket does not take is left to the pump, which sends it first.
 
 Nothing about a message lives only here: entries are read from the inbox
 every time, so a cut connection loses nothing. Memory per connection is
@@ -100,6 +106,13 @@ class Connection:
         self._pump_waiting = False
         self._last_input = trio.current_time()
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # The pump is inside send_all: nobody else may write to the socket.
+        self._sending = False
+        # Gathered for a direct flush but not taken by the socket: the pump sends it first.
+        self._unsent = b""
+        self._flush_deferred = False
+        self._output_batch = server.output_batch
         self._wait_first = False
         self.settings = server.settings
         self.fp = server.fastpath
@@ -140,7 +153,7 @@ class Connection:
     def wake(self) -> None:
         """The inbox has new entries (or the window has room): let the pump look."""
         self._inbox_dirty = True
-        self._wake.set()
+        self._kick()
 
     def offer(self, entry: InboxEntry) -> None:
         """A committed entry for this device, handed over from memory: the pump
@@ -150,13 +163,48 @@ class Connection:
             self._inbox_dirty = True
         else:
             offered.append(entry)
-        self._wake.set()
+        self._kick()
 
     def push_ephemeral(self, frame: bytes) -> bool:
         if self._closing or len(self._signals) >= MAX_QUEUED_SIGNALS:
             return False
         self._signals.append(frame)
-        self._wake.set()
+        self._kick()
+        return True
+
+    def _kick(self) -> None:
+        """New output: written at the end of the open output batch, else by the pump."""
+        if self._flush_deferred:
+            return
+        if self._sock is not None and self._output_batch.defer(self):
+            self._flush_deferred = True
+        else:
+            self._wake.set()
+
+    def flush(self) -> bool:
+        """Write the queued output now, without the pump, when nothing stands in
+        the way (else the pump is woken). False when the socket took only part
+        of it: the pump sends the rest, before anything else."""
+        self._flush_deferred = False
+        if self.dead:
+            return True
+        if self._sock is None or self._sending or self._unsent or self._close_frame is not None:
+            self._wake.set()
+            return True
+        data, _ = self._gather()
+        if not data:
+            return True
+        try:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = 0  # the pump's send_all meets the same error and ends the connection
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._wake.set()
+            return False
+        self._drained.set()
         return True
 
     def replace(self) -> None:
@@ -182,7 +230,7 @@ class Connection:
     def _queue_reply(self, frame: bytes) -> None:
         if not self.dead:
             self._replies.append(frame)
-            self._wake.set()
+            self._kick()
 
     def queue_sent(self, msg_id: bytes, ts: int) -> None:
         self._queue_reply(frames.encode_sent(msg_id, ts))
@@ -277,6 +325,8 @@ class Connection:
             self._ready
             and self._pump_waiting
             and not self._wake.is_set()
+            and not self._flush_deferred
+            and not self._unsent
             and not self._closing
             and not self._replies
             and not self._signals
@@ -514,7 +564,11 @@ class Connection:
         acked = self.window.ack(seq)
         if acked is None:
             return
-        self.wake()
+        if self._inbox_dirty:
+            # Entries wait in the store for the room this ACK made. Otherwise
+            # every committed entry reaches the pump through offer(), so an
+            # ACK alone has nothing for it (no wake-up, no inbox read).
+            self._wake.set()
         user, device, server = self.user, self.device, self.server
         floors = server.ack_floors
         floor_key = (user, device)
@@ -615,86 +669,103 @@ class Connection:
     # --- the delivery pump ------------------------------------------------------
 
     async def _pump(self) -> None:
-        fp = self.fp
         stream = self.stream
-        store = self.server.store
-        window = self.window
-        pushed = self._pushed
-        max_bytes = self.settings.max_message_bytes
-        max_frames = self.settings.max_frames_per_message
-        pack_entry = fp.pack_entry
-        encode_frame = fp.encode_frame
-        binary = fp.OP_BINARY
         while True:
             self._pump_waiting = True
             await self._wake.wait()
             self._pump_waiting = False
             self._wake = trio.Event()
             while True:
-                out: list[bytes] = []
-                if self._control:
-                    out.extend(self._control)
-                    self._control = []
-                batch = self._replies
-                self._replies = []
-                if self._signals:
-                    batch.extend(self._signals)
-                    self._signals = []
-                entries: list[InboxEntry] = []
-                if self._offered:
-                    offered = self._offered
-                    self._offered = []
-                    if self._ready and not self._inbox_dirty and not self._closing:
-                        # Live entries skip the read when they follow on from
-                        # what was pushed; anything else falls back to a read.
-                        room = window.capacity()
-                        for entry in offered:
-                            if entry.seq <= window.last_pushed:
-                                continue
-                            if entry.seq != window.last_pushed + 1 + len(entries) or len(entries) >= room:
-                                self._inbox_dirty = True
-                                break
-                            entries.append(entry)
-                if self._ready and self._inbox_dirty and not self._closing:
-                    room = window.capacity() - len(entries)
-                    if room > 0:
-                        self._inbox_dirty = False
-                        assert self.user is not None and self.device is not None
-                        after = entries[-1].seq if entries else window.last_pushed
-                        more = store.read_inbox(self.user, self.device, after, room)
-                        if len(more) == room:
-                            self._inbox_dirty = True
-                        entries.extend(more)
-                for entry in entries:
-                    # A reference whose body expired has nothing to send;
-                    # it counts as pushed so a later ACK covers it.
-                    if entry.type != ENTRY_MSG_REF:
-                        batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
-                    if entry.type == ENTRY_MSG or entry.body_key is not None:
-                        pushed.append(entry)
-                    window.pushed(entry.seq)
-                if batch:
-                    # Several frames per WebSocket message, within the limits
-                    # a client must accept (one frame alone may be larger).
-                    start = 0
-                    size = 0
-                    for i, frame in enumerate(batch):
-                        if i > start and (size + len(frame) > max_bytes or i - start >= max_frames):
-                            out.append(encode_frame(binary, b"".join(batch[start:i])))
-                            start, size = i, 0
-                        size += len(frame)
-                    out.append(encode_frame(binary, b"".join(batch[start:])))
-                close_now = self._close_frame is not None and not self._close_sent.is_set()
-                if close_now:
-                    assert self._close_frame is not None
-                    out.append(self._close_frame)
-                if not out:
+                data, close_now = self._gather()
+                if not data:
                     break
-                await stream.send_all(b"".join(out))
+                self._sending = True
+                try:
+                    await stream.send_all(data)
+                finally:
+                    self._sending = False
                 self._drained.set()
                 if close_now:
                     self._close_sent.set()
                     return
+
+    def _gather(self) -> tuple[bytes, bool]:
+        """Everything due on the socket, encoded: unsent bytes first, then control
+        frames, then replies, signals and inbox entries within the window (as
+        few WebSocket messages as the limits allow), then a close frame. True
+        with the bytes when they end in the close frame."""
+        fp = self.fp
+        window = self.window
+        out: list[bytes] = []
+        if self._unsent:
+            out.append(self._unsent)
+            self._unsent = b""
+        if self._control:
+            out.extend(self._control)
+            self._control = []
+        batch = self._replies
+        self._replies = []
+        if self._signals:
+            batch.extend(self._signals)
+            self._signals = []
+        entries: list[InboxEntry] = []
+        if self._offered:
+            offered = self._offered
+            self._offered = []
+            if self._ready and not self._inbox_dirty and not self._closing:
+                # Live entries skip the read when they follow on from
+                # what was pushed; anything else falls back to a read.
+                room = window.capacity()
+                for entry in offered:
+                    if entry.seq <= window.last_pushed:
+                        continue
+                    if entry.seq != window.last_pushed + 1 + len(entries) or len(entries) >= room:
+                        self._inbox_dirty = True
+                        break
+                    entries.append(entry)
+        if self._ready and self._inbox_dirty and not self._closing:
+            room = window.capacity() - len(entries)
+            if room > 0:
+                self._inbox_dirty = False
+                assert self.user is not None and self.device is not None
+                after = entries[-1].seq if entries else window.last_pushed
+                more = self.server.store.read_inbox(self.user, self.device, after, room)
+                if len(more) == room:
+                    self._inbox_dirty = True
+                entries.extend(more)
+        if entries:
+            pushed = self._pushed
+            pack_entry = fp.pack_entry
+            for entry in entries:
+                # A reference whose body expired has nothing to send;
+                # it counts as pushed so a later ACK covers it.
+                if entry.type != ENTRY_MSG_REF:
+                    batch.append(pack_entry(entry.type, entry.seq, entry.count, entry.tail))
+                if entry.type == ENTRY_MSG or entry.body_key is not None:
+                    pushed.append(entry)
+                window.pushed(entry.seq)
+        if batch:
+            # Several frames per WebSocket message, within the limits
+            # a client must accept (one frame alone may be larger).
+            encode_frame = fp.encode_frame
+            binary = fp.OP_BINARY
+            max_bytes = self.settings.max_message_bytes
+            max_frames = self.settings.max_frames_per_message
+            start = 0
+            size = 0
+            for i, frame in enumerate(batch):
+                if i > start and (size + len(frame) > max_bytes or i - start >= max_frames):
+                    out.append(encode_frame(binary, b"".join(batch[start:i])))
+                    start, size = i, 0
+                size += len(frame)
+            out.append(encode_frame(binary, b"".join(batch[start:])))
+        close_now = self._close_frame is not None and not self._close_sent.is_set()
+        if close_now:
+            assert self._close_frame is not None
+            out.append(self._close_frame)
+        if not out:
+            return b"", False
+        return (out[0] if len(out) == 1 else b"".join(out)), close_now
 
 
 def _count_up_to(store: Store, user: str, device: int, seq: int) -> int:

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from relay.server.flush import OutputBatch
 from relay.store.base import DeleteUpTo, Store, WriteOp
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,18 @@ Callback = Callable[[object], None]
 
 
 class GroupCommitWriter:
-    def __init__(self, store: Store, shard: int, max_batch: int = 4096, queue_size: int = 4096) -> None:
+    def __init__(
+        self,
+        store: Store,
+        shard: int,
+        max_batch: int = 4096,
+        queue_size: int = 4096,
+        output_batch: OutputBatch | None = None,
+    ) -> None:
         self.store = store
+        # The callbacks of one commit queue output on many connections: it is
+        # written once, when they have all run.
+        self.output_batch = output_batch if output_batch is not None else OutputBatch()
         self.shard = shard
         self.max_batch = max_batch
         self._send, self._receive = trio.open_memory_channel[tuple[WriteOp, Callback | None] | None](queue_size)
@@ -167,9 +178,10 @@ class GroupCommitWriter:
                 results = await trio.to_thread.run_sync(self.store.apply_batch, self.shard, ops)
                 self.batches += 1
                 self.ops += len(ops)
-                for (_, on_done), result in zip(batch, results, strict=True):
-                    if on_done is not None:
-                        try:
-                            on_done(result)
-                        except Exception:  # a bug in one callback must not stop the shard
-                            log.exception("write callback failed")
+                with self.output_batch:
+                    for (_, on_done), result in zip(batch, results, strict=True):
+                        if on_done is not None:
+                            try:
+                                on_done(result)
+                            except Exception:  # a bug in one callback must not stop the shard
+                                log.exception("write callback failed")
