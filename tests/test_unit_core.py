@@ -226,3 +226,39 @@ def test_store_full_gives_store_full_error(tmp_path):
     assert len(s.read_inbox("bob", 1, 0, 1000)) == stored, "nothing acknowledged is lost"
     assert _apply(s, DeleteUpTo("bob", 1, 2)) == 2, "acks still work when full"
     s.close()
+
+
+def test_fan_out_hands_over_the_entries_a_read_would_return(tmp_path):
+    """Step 2 of SEND_GROUP returns, per member device, the MSG its pump would
+    otherwise read back (reference resolved to the body): same seq, same bytes."""
+    from relay.protocol.groups import GroupInfo
+    from relay.store.base import CreateGroup, FannedOut, FanOut, GroupPrepared, PrepareGroupMessage
+
+    s = LmdbStore(tmp_path / "store", shards=2, map_size=64 << 20)
+    try:
+        users = ["ann", "ben", "cat"]
+        for user in users:
+            s.apply_batch(s.shard_of(user), [RegisterUser(user, b"k" * 32, 1)])
+        group = "g." + "A" * 22
+        info = GroupInfo(group, "team", 1, tuple(users), ("ann",))
+        g = s.shard_of(group)
+        assert s.apply_batch(g, [CreateGroup(info, 1)]) == [info]
+        # Something already waiting in ben's inbox: the reference gets seq 2.
+        s.apply_batch(s.shard_of("ben"), [StoreMessage("cat", 1, b"m" * 16, "ben", {1: b"earlier"}, 5)])
+        msg_id = b"i" * 16
+        (prepared,) = s.apply_batch(g, [PrepareGroupMessage(group, "ann", 1, msg_id, b"secret", 7)])
+        assert isinstance(prepared, GroupPrepared) and prepared.tail
+        assert frames.decode_tail(prepared.tail) == [msg_id, "ann", 1, group, 7, b"secret"]
+        for member in ("ben", "cat"):
+            (fanned,) = s.apply_batch(
+                s.shard_of(member), [FanOut(prepared.body_key, "ann", 1, [member], 7, prepared.tail)]
+            )
+            assert isinstance(fanned, FannedOut) and fanned.refs == 1
+            ((user, ((device, handed),)),) = fanned.entries
+            assert (user, device) == (member, 1)
+            assert s.read_inbox(member, 1, handed.seq - 1, 1) == [handed]
+        # A retry of the prepare (body stored, fan-out not complete) hands over the stored body.
+        (again,) = s.apply_batch(g, [PrepareGroupMessage(group, "ann", 1, msg_id, b"secret", 99)])
+        assert again.tail == prepared.tail and not again.complete
+    finally:
+        s.close()

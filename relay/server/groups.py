@@ -208,8 +208,12 @@ class Groups:
             remaining -= 1
             if isinstance(result, FannedOut):
                 refs += result.refs
-                for user, devices in result.devices:
-                    server.router.wake(user, devices)
+                router = server.router
+                for user, entries in result.entries:
+                    if entries:
+                        router.deliver(user, entries)
+                    else:
+                        router.wake(user)
             else:
                 failure.append(result)
             if remaining:
@@ -228,5 +232,5 @@ class Groups:
             server.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, 0), completed)
             return
         for shard, users in by_shard.items():
-            fan_out = FanOut(key, prepare.sender, prepare.sender_device, users, prepared.ts)
+            fan_out = FanOut(key, prepare.sender, prepare.sender_device, users, prepared.ts, prepared.tail)
             server.writers[shard].submit_followup(fan_out, one_shard_done)

@@ -192,6 +192,9 @@ class GroupPrepared:
     ts: int
     complete: bool
     members: tuple[str, ...]
+    # The stored body (a MSG tail) while the fan-out is still to do: step 2
+    # hands it to online members from memory instead of each reading it back.
+    tail: bytes = b""
 
 
 @dataclass(slots=True)
@@ -206,12 +209,17 @@ class FanOut:
     sender_device: int
     users: list[str]
     created: int
+    body_tail: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
 class FannedOut:
+    """``entries``: per user, (device, entry) for each reference made, the
+    entry already resolved to its MSG (``body_key`` set), for the router;
+    empty for a user when the op carried no ``body_tail``."""
+
     refs: int
-    devices: tuple[tuple[str, tuple[int, ...]], ...]
+    entries: tuple[tuple[str, tuple[tuple[int, InboxEntry], ...]], ...]
 
 
 @dataclass(slots=True)

@@ -537,7 +537,7 @@ class _WriteTxn:
         if raw is not None:
             _refs, created, complete = _BODY_HEAD.unpack_from(raw)
             members = () if complete or found is None else found[0].members
-            return GroupPrepared(key, created, bool(complete), members)
+            return GroupPrepared(key, created, bool(complete), members, b"" if complete else bytes(raw[_BODY_HEAD.size :]))
         done = self.txn.get(_sent_group_key(key), db=self.shard.idem)
         if done is not None:
             # Delivered and acked by everyone: a retry gets the original SENT.
@@ -549,25 +549,34 @@ class _WriteTxn:
             raise FrameError(FORBIDDEN, "not a member of that group", ref=op.msg_id)
         tail = msg_tail(op.msg_id, op.sender, op.sender_device, op.group, op.ts, op.payload)
         self.txn.put(key, _BODY_HEAD.pack(0, op.ts, 0) + tail, db=self.shard.bodies)
-        return GroupPrepared(key, op.ts, False, info.members)
+        return GroupPrepared(key, op.ts, False, info.members, tail)
 
     def fan_out(self, op: FanOut) -> FannedOut:
         marker = self.txn.get(op.body_key, db=self.shard.fanout)
         if marker is not None:
             return FannedOut(_FANOUT.unpack(marker)[0], ())
         refs = 0
-        woken: list[tuple[str, tuple[int, ...]]] = []
+        made: list[tuple[str, tuple[tuple[int, InboxEntry], ...]]] = []
+        key, tail, created = op.body_key, op.body_tail, op.created
         for user in op.users:
             devices = self._devices(user)
             if not devices:
                 continue
-            targets = tuple(d for d in devices if not (user == op.sender and d == op.sender_device))
-            for device in targets:
-                self._append(user, device, ENTRY_MSG_REF, 0, op.created, op.body_key)
-            refs += len(targets)
-            woken.append((user, targets))
-        self.txn.put(op.body_key, _FANOUT.pack(refs, op.created), db=self.shard.fanout)
-        return FannedOut(refs, tuple(woken))
+            entries = tuple(
+                (device, self._append_ref(user, device, created, key, tail))
+                for device in devices
+                if not (user == op.sender and device == op.sender_device)
+            )
+            refs += len(entries)
+            # Without the body at hand the pumps read the references back.
+            made.append((user, entries if tail else ()))
+        self.txn.put(key, _FANOUT.pack(refs, created), db=self.shard.fanout)
+        return FannedOut(refs, tuple(made))
+
+    def _append_ref(self, user: str, device: int, created: int, body_key: bytes, body_tail: bytes) -> InboxEntry:
+        """A reference to ``body_key`` in one inbox; returned as the MSG it stands for."""
+        entry = self._append(user, device, ENTRY_MSG_REF, 0, created, body_key)
+        return InboxEntry(entry.seq, ENTRY_MSG, MSG_FIELDS, created, body_tail, body_key)
 
     def complete_group_message(self, op: CompleteGroupMessage) -> bool:
         raw = self.txn.get(op.body_key, db=self.shard.bodies)
