@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from relay.server.writer import LAZY_DELETE_S, GroupCommitWriter
-from relay.store.base import DeleteUpTo, RegisterUser, StoreMessage
+from relay.store.base import DeleteUpTo, RegisterUser, ReleaseBodies, StoreMessage
 from relay.store.lmdb_store import LmdbStore
 
 
@@ -32,5 +32,37 @@ async def test_deletes_merge_per_device_and_ride_along(tmp_path):
         writer.submit_delete(DeleteUpTo("bob", 1, 5), results.append)
         await writer.call(StoreMessage("alice", 1, b"z" * 16, "bob", {1: b"y"}, 9))
         assert results[-1] == 1
+        writer.close()
+    store.close()
+
+
+async def test_body_releases_sum_per_body_into_one_op(tmp_path):
+    """Released group-body references are summed per body and committed as one
+    ReleaseBodies, with the next batch or on their own after the delay."""
+    store = LmdbStore(tmp_path / "s", shards=1, map_size=32 << 20)
+    applied: list[object] = []
+    real_apply = store.apply_batch
+
+    def spy(shard: int, ops: list[object]) -> list[object]:
+        applied.extend(op for op in ops if isinstance(op, ReleaseBodies))
+        return real_apply(shard, ops)  # type: ignore[arg-type]
+
+    store.apply_batch = spy  # type: ignore[method-assign]
+    writer = GroupCommitWriter(store, 0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.submit_release({b"g\x00a": 1})
+        writer.submit_release({b"g\x00a": 2, b"g\x00b": 1})
+        writer.submit_release({b"g\x00b": 4})
+        with trio.fail_after(5):
+            while not applied:
+                await trio.sleep(LAZY_DELETE_S / 4)
+        await trio.sleep(LAZY_DELETE_S * 2)
+        assert len(applied) == 1
+        assert applied[0].counts == {b"g\x00a": 3, b"g\x00b": 5}  # type: ignore[attr-defined]
+        # Pending releases ride along with an ordinary batch.
+        writer.submit_release({b"g\x00c": 1})
+        await writer.call(RegisterUser("bob", b"k" * 32, 1))
+        assert len(applied) == 2 and applied[1].counts == {b"g\x00c": 1}  # type: ignore[attr-defined]
         writer.close()
     store.close()

@@ -68,7 +68,6 @@ from relay.store.base import (
     AppendEntries,
     DeleteUpTo,
     InboxEntry,
-    ReleaseBodies,
     Store,
     Stored,
     StoreMessage,
@@ -597,7 +596,7 @@ class Connection:
             # References gone: release the group bodies they pointed to.
             if isinstance(result, int):
                 for group, counts in released.items():
-                    server.writer_for(group).submit_followup(ReleaseBodies(counts))
+                    server.writer_for(group).submit_release(counts)
 
         delete_writer = server.writer_for(user)
         if not receipt_tails:

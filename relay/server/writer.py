@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 from relay.server.flush import OutputBatch
-from relay.store.base import DeleteUpTo, Store, WriteOp
+from relay.store.base import DeleteUpTo, ReleaseBodies, Store, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ class GroupCommitWriter:
         # their own after LAZY_DELETE_S. Acked entries are already hidden by
         # the server's ack floors, so nothing waits on them.
         self._deletes: dict[tuple[str, int], tuple[DeleteUpTo, list[Callback]]] = {}
+        # Group-body references released by those deletes, summed per body
+        # (a fan-out to N members releases N times): committed with them.
+        self._releases: dict[bytes, int] = {}
         self.batches = 0
         self.ops = 0
 
@@ -110,10 +113,31 @@ class GroupCommitWriter:
         if op.seq > previous.seq:
             self._deletes[key] = (op, callbacks)
 
-    def _take_deletes(self) -> list[tuple[WriteOp, Callback | None]]:
+    def submit_release(self, counts: dict[bytes, int]) -> None:
+        """Queue group-body references to release; summed with pending ones and
+        committed like the lazy deletes, as one :class:`ReleaseBodies`."""
+        if self._closed:
+            return
+        releases = self._releases
+        if not releases and not self._deletes:
+            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                self._send.send_nowait(None)  # an idle writer starts its timer
+        for key, count in counts.items():
+            releases[key] = releases.get(key, 0) + count
+
+    def _lazy_pending(self) -> bool:
+        return bool(self._deletes or self._releases)
+
+    def _take_lazy(self) -> list[tuple[WriteOp, Callback | None]]:
         deletes = self._deletes
         self._deletes = {}
-        return [(op, functools.partial(_call_all, callbacks)) for op, callbacks in deletes.values()]
+        taken: list[tuple[WriteOp, Callback | None]] = [
+            (op, functools.partial(_call_all, callbacks)) for op, callbacks in deletes.values()
+        ]
+        if self._releases:
+            taken.append((ReleaseBodies(self._releases), None))
+            self._releases = {}
+        return taken
 
     async def call(self, op: WriteOp) -> object:
         """Submit ``op`` and wait for its committed result (or exception, returned)."""
@@ -147,7 +171,7 @@ class GroupCommitWriter:
                 flush_deletes = False
                 if not followups:
                     try:
-                        if self._deletes:
+                        if self._lazy_pending():
                             with trio.move_on_after(LAZY_DELETE_S) as waited:
                                 first = await receive.receive()
                             flush_deletes = waited.cancelled_caught
@@ -155,7 +179,7 @@ class GroupCommitWriter:
                             first = await receive.receive()
                     except trio.EndOfChannel:
                         self._closed = True
-                        if not followups and not self._deletes:
+                        if not followups and not self._lazy_pending():
                             return
                         flush_deletes = True
                 batch: list[tuple[WriteOp, Callback | None]] = [] if first is None else [first]
@@ -169,8 +193,8 @@ class GroupCommitWriter:
                         break
                     if item is not None:
                         batch.append(item)
-                if self._deletes and (batch or flush_deletes):
-                    batch.extend(self._take_deletes())
+                if self._lazy_pending() and (batch or flush_deletes):
+                    batch.extend(self._take_lazy())
                 if not batch:
                     continue
                 ops = [op for op, _ in batch]
