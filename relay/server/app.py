@@ -136,6 +136,7 @@ class RelayServer:
                     listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
                     self.port = listeners[0].socket.getsockname()[1]
                     nursery.start_soon(self._sweep_forever)
+                    nursery.start_soon(self._check_timers_forever)
                     await nursery.start(self.parking.run)
                     await nursery.start(self.heap.run)
                     nursery.start_soon(self._accept, listeners, nursery)
@@ -187,6 +188,20 @@ class RelayServer:
         with trio.move_on_after(SHUTDOWN_GRACE_S):
             while self.connections:
                 await trio.sleep(0.01)
+
+    def timer_interval(self) -> float:
+        """How often connections' idle and park timers are checked: a quarter
+        of the shorter one, so they fire at most 25 % late."""
+        periods = [t for t in (self.settings.park_after_s, self.settings.idle_timeout_s) if t > 0]
+        return min(0.5, max(0.002, min(periods) / 4))
+
+    async def _check_timers_forever(self) -> None:
+        interval = self.timer_interval()
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            for conn in list(self.connections):
+                conn.check_timers(now)
 
     async def _sweep_forever(self) -> None:
         while True:
