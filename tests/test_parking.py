@@ -95,3 +95,34 @@ async def test_abort_parked_connection(settings):
             assert relay.abort_connections("alice") == 1
             assert await a.closed() == 1006
             assert relay.router.connection("alice", 1) is None
+
+
+def test_timer_sweep_interval_is_a_quarter_of_the_shorter_timer(settings):
+    """Idle and park timers fire up to a quarter late, checked at most every 0.5 s."""
+    import dataclasses
+
+    from relay.server.app import RelayServer
+
+    cases = [((2.0, 120.0), 0.5), ((0.01, 120.0), 0.0025), ((0.0, 1.0), 0.25), ((0.001, 1.0), 0.002)]
+    for (park_after, idle), interval in cases:
+        server = RelayServer(dataclasses.replace(settings, park_after_s=park_after, idle_timeout_s=idle))
+        try:
+            assert server.timer_interval() == interval, (park_after, idle)
+        finally:
+            server.store.close()
+
+
+async def test_a_busy_connection_is_never_parked_mid_stream(settings):
+    """Input keeps coming much faster than park_after_s: the sweep leaves the reader alone."""
+    settings.park_after_s = 0.5
+    async with open_relay(settings) as relay:
+        alice, bob = User("alice"), User("bob")
+        await alice.register(relay.url)
+        await bob.register(relay.url)
+        async with alice.online(relay.url) as a:
+            for i in range(40):  # about 1 s, twice park_after_s, input every 25 ms
+                await a.send_msg("bob", {1: bytes([i])})
+                await a.recv_type(12)
+                assert not isinstance(relay.router.connection("alice", 1), ParkedConnection)
+                await trio.sleep(0.02)
+            await wait_parked(relay, "alice")
