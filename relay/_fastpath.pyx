@@ -30,6 +30,7 @@ from cpython.bytes cimport (
     PyBytes_GET_SIZE,
 )
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.limits cimport LLONG_MAX, LLONG_MIN
 from libc.string cimport memcpy, memmove
@@ -47,6 +48,7 @@ from relay._fastpath_py import (
     OP_TEXT,
     WebSocketError,
 )
+from relay import _fastpath_py as _twin
 
 IMPLEMENTATION = "cython"
 
@@ -322,6 +324,209 @@ def pack_entry(type_code, seq, count, tail):
         return out
     finally:
         PyBuffer_Release(&tview)
+
+
+# ------------------------------------------------------------- entry tails
+#
+# msgpack by hand for the three or four field types of a tail, byte for byte
+# what msgpack's Packer(use_bin_type=True) writes: the smallest int, str and
+# bin headers. Anything else (a negative or huge int, a bool, a bytes
+# subclass, text that is not valid UTF-8) goes to the pure twin, which then
+# gives the same bytes or the same exception.
+
+cdef extern from "Python.h":
+    const char* PyUnicode_AsUTF8AndSize(object text, Py_ssize_t* size) except NULL
+
+
+cdef inline int _uint_len(uint64_t v) noexcept nogil:
+    if v < 0x80:
+        return 1
+    if v <= 0xFF:
+        return 2
+    if v <= 0xFFFF:
+        return 3
+    if v <= 0xFFFFFFFFULL:
+        return 5
+    return 9
+
+
+cdef inline unsigned char* _put_uint(unsigned char* p, uint64_t v, int n) noexcept nogil:
+    if n == 1:
+        p[0] = <unsigned char>v
+    else:
+        p[0] = 0xcc if n == 2 else 0xcd if n == 3 else 0xce if n == 5 else 0xcf
+        _put_be(p + 1, v, n - 1)
+    return p + n
+
+
+cdef inline int _str_head_len(Py_ssize_t n) noexcept nogil:
+    return 1 if n < 32 else 2 if n <= 0xFF else 3 if n <= 0xFFFF else 5
+
+
+cdef inline unsigned char* _put_str(unsigned char* p, const char* data, Py_ssize_t n) noexcept nogil:
+    if n < 32:
+        p[0] = 0xa0 | <unsigned char>n
+        p += 1
+    elif n <= 0xFF:
+        p[0] = 0xd9
+        p[1] = <unsigned char>n
+        p += 2
+    elif n <= 0xFFFF:
+        p[0] = 0xda
+        _put_be(p + 1, <uint64_t>n, 2)
+        p += 3
+    else:
+        p[0] = 0xdb
+        _put_be(p + 1, <uint64_t>n, 4)
+        p += 5
+    memcpy(p, data, n)
+    return p + n
+
+
+cdef inline int _bin_head_len(Py_ssize_t n) noexcept nogil:
+    return 2 if n <= 0xFF else 3 if n <= 0xFFFF else 5
+
+
+cdef inline unsigned char* _put_bin(unsigned char* p, const char* data, Py_ssize_t n) noexcept nogil:
+    if n <= 0xFF:
+        p[0] = 0xc4
+        p[1] = <unsigned char>n
+        p += 2
+    elif n <= 0xFFFF:
+        p[0] = 0xc5
+        _put_be(p + 1, <uint64_t>n, 2)
+        p += 3
+    else:
+        p[0] = 0xc6
+        _put_be(p + 1, <uint64_t>n, 4)
+        p += 5
+    memcpy(p, data, n)
+    return p + n
+
+
+cdef inline bint _small_uint(object value) noexcept:
+    # A plain int in [0, 2**64): anything else takes the twin's path.
+    return type(value) is int and value >= 0 and value <= 0xFFFFFFFFFFFFFFFF
+
+
+def msg_tail(msg_id, from_user, from_device, group, ts, payload):
+    """The fields of a MSG after its seq, as stored: ``msg_id, from_user,
+    from_device, group, ts, payload`` in msgpack, without the array header."""
+    cdef Py_ssize_t user_len, group_len = 0, id_len, payload_len
+    cdef const char* user_p
+    cdef const char* group_p = NULL
+    if not (PyBytes_CheckExact(msg_id) and PyBytes_CheckExact(payload) and PyUnicode_CheckExact(from_user)
+            and (group is None or PyUnicode_CheckExact(group)) and _small_uint(from_device) and _small_uint(ts)):
+        return _twin.msg_tail(msg_id, from_user, from_device, group, ts, payload)
+    try:
+        user_p = PyUnicode_AsUTF8AndSize(from_user, &user_len)
+        if group is not None:
+            group_p = PyUnicode_AsUTF8AndSize(group, &group_len)
+    except UnicodeError:
+        return _twin.msg_tail(msg_id, from_user, from_device, group, ts, payload)
+    cdef uint64_t dev = from_device
+    cdef uint64_t t = ts
+    cdef int dev_len = _uint_len(dev)
+    cdef int ts_len = _uint_len(t)
+    id_len = PyBytes_GET_SIZE(msg_id)
+    payload_len = PyBytes_GET_SIZE(payload)
+    if id_len > 0xFFFFFFFFLL or payload_len > 0xFFFFFFFFLL or user_len > 0xFFFFFFFFLL or group_len > 0xFFFFFFFFLL:
+        return _twin.msg_tail(msg_id, from_user, from_device, group, ts, payload)
+    cdef Py_ssize_t size = (_bin_head_len(id_len) + id_len + _str_head_len(user_len) + user_len + dev_len
+                            + (1 if group is None else _str_head_len(group_len) + group_len)
+                            + ts_len + _bin_head_len(payload_len) + payload_len)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    p = _put_bin(p, PyBytes_AS_STRING(msg_id), id_len)
+    p = _put_str(p, user_p, user_len)
+    p = _put_uint(p, dev, dev_len)
+    if group is None:
+        p[0] = 0xc0
+        p += 1
+    else:
+        p = _put_str(p, group_p, group_len)
+    p = _put_uint(p, t, ts_len)
+    _put_bin(p, PyBytes_AS_STRING(payload), payload_len)
+    return out
+
+
+def receipt_tail(msg_id, by_user, by_device, status, ts):
+    """The fields of a RECEIPT after its seq: ``msg_id, by_user, by_device,
+    status, ts`` in msgpack, without the array header."""
+    cdef Py_ssize_t user_len, id_len
+    cdef const char* user_p
+    if not (PyBytes_CheckExact(msg_id) and PyUnicode_CheckExact(by_user) and _small_uint(by_device)
+            and _small_uint(status) and _small_uint(ts)):
+        return _twin.receipt_tail(msg_id, by_user, by_device, status, ts)
+    try:
+        user_p = PyUnicode_AsUTF8AndSize(by_user, &user_len)
+    except UnicodeError:
+        return _twin.receipt_tail(msg_id, by_user, by_device, status, ts)
+    id_len = PyBytes_GET_SIZE(msg_id)
+    if id_len > 0xFFFFFFFFLL or user_len > 0xFFFFFFFFLL:
+        return _twin.receipt_tail(msg_id, by_user, by_device, status, ts)
+    cdef uint64_t dev = by_device
+    cdef uint64_t st = status
+    cdef uint64_t t = ts
+    cdef int dev_len = _uint_len(dev)
+    cdef int st_len = _uint_len(st)
+    cdef int ts_len = _uint_len(t)
+    cdef Py_ssize_t size = _bin_head_len(id_len) + id_len + _str_head_len(user_len) + user_len + dev_len + st_len + ts_len
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
+    cdef unsigned char* p = <unsigned char*>PyBytes_AS_STRING(out)
+    p = _put_bin(p, PyBytes_AS_STRING(msg_id), id_len)
+    p = _put_str(p, user_p, user_len)
+    p = _put_uint(p, dev, dev_len)
+    p = _put_uint(p, st, st_len)
+    _put_uint(p, t, ts_len)
+    return out
+
+
+cdef inline Py_ssize_t _be_len(const unsigned char* p, int n) noexcept nogil:
+    cdef Py_ssize_t v = 0
+    cdef int i
+    for i in range(n):
+        v = (v << 8) | p[i]
+    return v
+
+
+def msg_sender(tail):
+    """``(msg_id, from_user)``: the first two fields of a MSG tail.
+
+    Raises ``ValueError`` when the tail does not start with a bin and a str.
+    """
+    if not PyBytes_CheckExact(tail):
+        return _twin.msg_sender(tail)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(tail)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(tail)
+    cdef Py_ssize_t id_start, id_len, user_start, user_len
+    cdef int head
+    if n < 1:
+        return _twin.msg_sender(tail)
+    head = 1 if p[0] == 0xc4 else 2 if p[0] == 0xc5 else 4 if p[0] == 0xc6 else 0
+    if head == 0 or n < 1 + head:
+        return _twin.msg_sender(tail)
+    id_start = 1 + head
+    id_len = _be_len(p + 1, head)
+    user_start = id_start + id_len
+    if user_start >= n:
+        return _twin.msg_sender(tail)
+    if 0xa0 <= p[user_start] <= 0xbf:
+        user_len = p[user_start] & 0x1f
+        user_start += 1
+    else:
+        head = 1 if p[user_start] == 0xd9 else 2 if p[user_start] == 0xda else 4 if p[user_start] == 0xdb else 0
+        if head == 0 or n < user_start + 1 + head:
+            return _twin.msg_sender(tail)
+        user_len = _be_len(p + user_start + 1, head)
+        user_start += 1 + head
+    if n - user_start < user_len:
+        return _twin.msg_sender(tail)
+    try:
+        from_user = PyUnicode_DecodeUTF8(<const char*>p + user_start, user_len, NULL)
+    except UnicodeDecodeError:
+        return _twin.msg_sender(tail)
+    return PyBytes_FromStringAndSize(<const char*>p + id_start, id_len), from_user
 
 
 # ---------------------------------------------------------------- parser

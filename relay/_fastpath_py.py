@@ -11,13 +11,17 @@ What lives here is the per-message hot path of the relay:
 * :func:`encode_frame` -- one unfragmented frame, masked or not.
 * :func:`apply_mask` -- the XOR mask of RFC 6455 section 5.3.
 * :func:`pack_entry` -- an inbox entry as a ready-to-send msgpack frame.
+* :func:`msg_tail`, :func:`receipt_tail` -- the stored fields of a MSG and a
+  RECEIPT (msgpack, back to back, without the array header);
+  :func:`msg_sender` -- msg_id and from_user back out of a MSG tail.
 
 Raises :class:`WebSocketError` (with the close code to send) when the peer
-breaks the protocol. Nothing here touches a socket, a clock or msgpack
-objects beyond the few bytes of :func:`pack_entry`.
+breaks the protocol. Nothing here touches a socket or a clock.
 """
 
 from __future__ import annotations
+
+import msgpack
 
 IMPLEMENTATION = "pure"
 
@@ -98,6 +102,60 @@ def pack_entry(type_code: int, seq: int, count: int, tail: bytes) -> bytes:
     else:
         seq_bytes = b"\xcf" + seq.to_bytes(8, "big")
     return bytes((0x90 | n, type_code)) + seq_bytes + tail
+
+
+_packb = msgpack.Packer(use_bin_type=True).pack
+
+
+def msg_tail(msg_id: bytes, from_user: str, from_device: int, group: str | None, ts: int, payload: bytes) -> bytes:
+    """The fields of a MSG after its seq, as stored: ``msg_id, from_user,
+    from_device, group, ts, payload`` in msgpack, without the array header."""
+    return _packb([msg_id, from_user, from_device, group, ts, payload])[1:]
+
+
+def receipt_tail(msg_id: bytes, by_user: str, by_device: int, status: int, ts: int) -> bytes:
+    """The fields of a RECEIPT after its seq: ``msg_id, by_user, by_device,
+    status, ts`` in msgpack, without the array header."""
+    return _packb([msg_id, by_user, by_device, status, ts])[1:]
+
+
+# Length bytes after a bin / str header (msgpack: 8, 16 and 32-bit lengths).
+_BIN_LENGTH_BYTES = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+_STR_LENGTH_BYTES = {0xD9: 1, 0xDA: 2, 0xDB: 4}
+
+
+def msg_sender(tail: bytes) -> tuple[bytes, str]:
+    """``(msg_id, from_user)``: the first two fields of a MSG tail, read
+    without decoding the rest (the payload may be large).
+
+    Raises ``ValueError`` when the tail does not start with a bin and a str.
+    """
+    n = len(tail)
+    if n == 0 or tail[0] not in _BIN_LENGTH_BYTES:
+        raise ValueError("a MSG tail starts with msg_id (bin)")
+    k = _BIN_LENGTH_BYTES[tail[0]]
+    start = 1 + k
+    if n < start:
+        raise ValueError("truncated MSG tail")
+    pos = start + int.from_bytes(tail[1:start], "big")
+    if pos >= n:
+        raise ValueError("truncated MSG tail")
+    msg_id = bytes(tail[start:pos])
+    head = tail[pos]
+    if 0xA0 <= head <= 0xBF:
+        user_len = head & 0x1F
+        pos += 1
+    elif head in _STR_LENGTH_BYTES:
+        k = _STR_LENGTH_BYTES[head]
+        if n < pos + 1 + k:
+            raise ValueError("truncated MSG tail")
+        user_len = int.from_bytes(tail[pos + 1 : pos + 1 + k], "big")
+        pos += 1 + k
+    else:
+        raise ValueError("a MSG tail has from_user (str) second")
+    if n - pos < user_len:
+        raise ValueError("truncated MSG tail")
+    return msg_id, bytes(tail[pos : pos + user_len]).decode()
 
 
 class FrameParser:

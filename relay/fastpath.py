@@ -40,3 +40,6 @@ WebSocketError = _live.WebSocketError
 encode_frame = _live.encode_frame
 apply_mask = _live.apply_mask
 pack_entry = _live.pack_entry
+msg_tail = _live.msg_tail
+receipt_tail = _live.receipt_tail
+msg_sender = _live.msg_sender

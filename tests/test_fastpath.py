@@ -774,3 +774,64 @@ def test_twins_agree_on_pack_entry(both, type_code, seq, count, tail):
             return ("error", type(exc))
 
     assert result(pure) == result(cy)
+
+
+# ------------------------------------------------------------ entry tails
+
+INTS = st.one_of(st.integers(0, 300), st.integers(-2**63, 2**64 + 5), st.booleans())
+TEXT = st.text(max_size=40) | st.sampled_from(["a" * 31, "b" * 32, "c" * 255, "d" * 256, "é" * 20, "\ud800"])
+BLOBS = st.binary(max_size=40) | st.sampled_from([b"x" * 255, b"y" * 256, b"z" * 65535, b"w" * 65536])
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:  # noqa: BLE001 - both twins must fail the same way
+        return ("error", type(exc))
+
+
+def test_msg_tail_is_the_msgpack_array_without_its_header(fp):
+    msg_id = bytes(range(16))
+    tail = fp.msg_tail(msg_id, "alice", 2, None, 1_764_355_000_000, b"p" * 100)
+    assert tail == msgpack.packb([msg_id, "alice", 2, None, 1_764_355_000_000, b"p" * 100], use_bin_type=True)[1:]
+    grouped = fp.msg_tail(msg_id, "alice", 2, "g.x", 7, b"")
+    assert msgpack.unpackb(b"\x96" + grouped, raw=False) == [msg_id, "alice", 2, "g.x", 7, b""]
+    receipt = fp.receipt_tail(msg_id, "bob", 255, 1, 2**64 - 1)
+    assert msgpack.unpackb(b"\x95" + receipt, raw=False) == [msg_id, "bob", 255, 1, 2**64 - 1]
+    assert fp.msg_sender(tail) == (msg_id, "alice")
+
+
+@FAST
+@given(msg_id=BLOBS, user=TEXT, device=INTS, group=st.none() | TEXT, ts=INTS, payload=BLOBS, status=INTS)
+def test_twins_agree_on_tails(both, msg_id, user, device, group, ts, payload, status):
+    pure, cy = both
+    made = _outcome(pure.msg_tail, msg_id, user, device, group, ts, payload)
+    assert made == _outcome(cy.msg_tail, msg_id, user, device, group, ts, payload)
+    assert _outcome(pure.receipt_tail, msg_id, user, device, status, ts) == _outcome(
+        cy.receipt_tail, msg_id, user, device, status, ts
+    )
+    if made[0] == "ok":
+        tail = made[1]
+        assert msgpack.unpackb(b"\x96" + tail, raw=False, strict_map_key=False)[:2] == [msg_id, user]
+        assert pure.msg_sender(tail) == cy.msg_sender(tail) == (msg_id, user)
+
+
+@FAST
+@given(tail=st.binary(max_size=40) | st.builds(lambda a, b: a + b, st.sampled_from([b"\xc4\x02ab", b"\xc5\x00\x01z", b"\xc6\x00\x00\x00\x00"]), st.binary(max_size=12)))
+def test_twins_agree_on_msg_sender_of_any_bytes(both, tail):
+    pure, cy = both
+    got = _outcome(pure.msg_sender, tail)
+    assert got == _outcome(cy.msg_sender, tail)
+    if got[0] == "error":
+        assert issubclass(got[1], ValueError)
+
+
+def test_tails_refuse_other_types_like_msgpack(fp):
+    with pytest.raises(TypeError):
+        fp.msg_tail(b"id", "u", 1, None, 1, object())
+    with pytest.raises(UnicodeEncodeError):
+        fp.receipt_tail(b"id", "\ud800", 1, 1, 1)
+    with pytest.raises(OverflowError):
+        fp.receipt_tail(b"id", "u", 1, 1, 2**64)
+    # A bool is packed exactly as msgpack packs it (true, not 1).
+    assert fp.receipt_tail(b"id", "u", True, 1, 1) == msgpack.packb([b"id", "u", True, 1, 1], use_bin_type=True)[1:]
