@@ -14,7 +14,10 @@ if os.environ.get("RELAY_NO_EXT") != "1":
     from Cython.Build import cythonize
 
     ext_modules = cythonize(
-        [Extension("relay._fastpath", ["relay/_fastpath.pyx"], extra_compile_args=["-O3"])],
+        [
+            Extension("relay._fastpath", ["relay/_fastpath.pyx"], extra_compile_args=["-O3"]),
+            Extension("relay.store._inbox", ["relay/store/_inbox.pyx"], extra_compile_args=["-O3"]),
+        ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
 

@@ -51,7 +51,11 @@ class RelayServer:
                 "the compiled fast path is not built (installed with RELAY_NO_EXT=1?); use --fastpath pure"
             ) from exc
         self.store = store or LmdbStore(
-            settings.data, shards=settings.shards, map_size=settings.map_size_bytes, sync=settings.sync == "durable"
+            settings.data,
+            shards=settings.shards,
+            map_size=settings.map_size_bytes,
+            sync=settings.sync == "durable",
+            fastpath=self.fastpath.IMPLEMENTATION,
         )
         self.output_batch = OutputBatch()
         self.writers = [

@@ -33,12 +33,14 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import lmdb
 import msgpack
 
+import relay.fastpath
 from relay.errors import (
     CONFLICT,
     FORBIDDEN,
@@ -48,8 +50,9 @@ from relay.errors import (
     StoreError,
     StoreFullError,
 )
-from relay.protocol.frames import MSG_FIELDS, msg_tail
+from relay.protocol.frames import MSG_FIELDS
 from relay.protocol.groups import GroupInfo, apply_change
+from relay.store import inbox_writer
 from relay.store.base import (
     ENTRY_MSG,
     ENTRY_MSG_REF,
@@ -128,10 +131,6 @@ def _sent_group_key(body_key: bytes) -> bytes:
     return b"\x00" + body_key
 
 
-def _entry_value(type_: int, count: int, created: int, tail: bytes) -> bytes:
-    return _ENTRY_HEAD.pack(type_, count, created) + tail
-
-
 def _decode_user(user: str, raw: bytes | memoryview) -> UserRecord:
     rec = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     return UserRecord(user, dict(rec["devices"]), rec["created"])
@@ -179,7 +178,23 @@ class LmdbStore:
     (moving users between shards would need a migration).
     """
 
-    def __init__(self, path: str | os.PathLike[str], shards: int = 4, map_size: int = 8 << 30, sync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        shards: int = 4,
+        map_size: int = 8 << 30,
+        sync: bool = True,
+        fastpath: str | None = None,
+    ) -> None:
+        # The inbox writer follows the fast path choice ("cython" or "pure";
+        # None: compiled unless RELAY_PURE=1), like the connections' parser.
+        try:
+            self._inbox_writer = inbox_writer.load(fastpath).InboxWriter
+            self._msg_tail = relay.fastpath.load(fastpath).msg_tail
+        except ImportError as exc:
+            raise ConfigError(
+                "the compiled inbox writer is not built (installed with RELAY_NO_EXT=1?); use --fastpath pure"
+            ) from exc
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is not a directory")
@@ -328,7 +343,7 @@ class LmdbStore:
         results: list[object] = []
         try:
             with shard.env.begin(write=True) as txn:
-                writer = _WriteTxn(shard, txn)
+                writer = _WriteTxn(shard, txn, self._inbox_writer(txn, shard.inbox, shard.meta), self._msg_tail)
                 for op in ops:
                     try:
                         results.append(writer.apply(op))
@@ -357,54 +372,31 @@ class LmdbStore:
 class _WriteTxn:
     """The write operations, applied inside one LMDB write transaction."""
 
-    def __init__(self, shard: _Shard, txn: lmdb.Transaction) -> None:
+    def __init__(
+        self,
+        shard: _Shard,
+        txn: lmdb.Transaction,
+        inbox: inbox_writer.InboxWriter,
+        msg_tail: Callable[[bytes, str, int, str | None, int, bytes], bytes],
+    ) -> None:
         self.shard = shard
         self.txn = txn
-        # Inbox counters touched in this batch, [next_seq, pending] by device
-        # prefix: read once, written once by flush(), however many entries.
-        self.meta: dict[bytes, list[int]] = {}
+        self.msg_tail = msg_tail
+        # Appends and deletes in the inboxes; keeps each touched device's
+        # counters until flush(), so a batch reads and writes them once.
+        self.inbox = inbox
         self.devices_read: dict[str, dict[int, bytes]] = {}
 
     def flush(self) -> None:
-        put = self.txn.put
-        db = self.shard.meta
-        for key, (next_seq, pending) in self.meta.items():
-            put(key, _META.pack(next_seq, pending), db=db)
-
-    def _meta(self, prefix: bytes) -> list[int]:
-        counters = self.meta.get(prefix)
-        if counters is None:
-            raw = self.txn.get(prefix, db=self.shard.meta)
-            counters = [1, 0] if raw is None else list(_META.unpack(raw))
-            self.meta[prefix] = counters
-        return counters
+        self.inbox.flush()
 
     def apply(self, op: WriteOp) -> object:
-        if isinstance(op, StoreMessage):
-            return self.store_message(op)
-        if isinstance(op, DeleteUpTo):
-            return self.delete_up_to(op.user, op.device, op.seq)
-        if isinstance(op, AppendEntries):
-            return self.append_entries(op)
-        if isinstance(op, RegisterUser):
-            return self.register(op)
-        if isinstance(op, FanOut):
-            return self.fan_out(op)
-        if isinstance(op, ReleaseBodies):
-            return self.release_bodies(op)
-        if isinstance(op, PrepareGroupMessage):
-            return self.prepare_group_message(op)
-        if isinstance(op, CompleteGroupMessage):
-            return self.complete_group_message(op)
-        if isinstance(op, DropFanOutMarker):
-            return self.txn.delete(op.body_key, db=self.shard.fanout)
-        if isinstance(op, ChangeGroup):
-            return self.change_group(op)
-        if isinstance(op, CreateGroup):
-            return self.create_group(op)
-        if isinstance(op, ExpireEntries):
-            return self.expire(op)
-        raise TypeError(f"unknown write op {op!r}")
+        # One dict lookup instead of a chain of isinstance checks: ops are
+        # plain dataclasses, never subclassed.
+        handler = _HANDLERS.get(type(op))
+        if handler is None:
+            raise TypeError(f"unknown write op {op!r}")
+        return handler(self, op)
 
     def _devices(self, user: str) -> dict[int, bytes] | None:
         devices = self.shard.devices.get(user)
@@ -415,15 +407,6 @@ class _WriteTxn:
             return None
         devices = self.devices_read[user] = _decode_user(user, raw).devices
         return devices
-
-    def _append(self, user: str, device: int, type_: int, count: int, created: int, tail: bytes) -> InboxEntry:
-        prefix = device_prefix(user, device)
-        counters = self._meta(prefix)
-        seq = counters[0]
-        self.txn.put(prefix + _U64.pack(seq), _entry_value(type_, count, created, tail), db=self.shard.inbox)
-        counters[0] = seq + 1
-        counters[1] += 1
-        return InboxEntry(seq, type_, count, created, tail)
 
     def register(self, op: RegisterUser) -> bool:
         key = op.user.encode()
@@ -459,46 +442,37 @@ class _WriteTxn:
             txn.delete(idem_key, db=idem)
             raise error
         entries = []
+        msg_id, sender, sender_device, to, ts = op.msg_id, op.sender, op.sender_device, op.to, op.ts
+        append, msg_tail = self.inbox.append, self.msg_tail
         for device, payload in op.payloads.items():
-            tail = msg_tail(op.msg_id, op.sender, op.sender_device, None, op.ts, payload)
-            entries.append((device, self._append(op.to, device, ENTRY_MSG, MSG_FIELDS, op.ts, tail)))
-        return Stored(op.ts, False, tuple(op.payloads), tuple(entries))
+            tail = msg_tail(msg_id, sender, sender_device, None, ts, payload)
+            seq = append(device_prefix(to, device), ENTRY_MSG, MSG_FIELDS, ts, tail)
+            entries.append((device, InboxEntry(seq, ENTRY_MSG, MSG_FIELDS, ts, tail)))
+        return Stored(ts, False, tuple(op.payloads), tuple(entries))
 
     def append_entries(self, op: AppendEntries) -> Appended:
-        devices: tuple[int, ...]
+        devices: Iterable[int]
         if op.devices is None:
             known = self._devices(op.user)
             if known is None:
                 return Appended(())
-            devices = tuple(d for d in known if d != op.skip_device)
+            skip = op.skip_device
+            devices = known if skip is None else [d for d in known if d != skip]
         else:
             devices = op.devices
-        return Appended(
-            tuple(
-                (device, self._append(op.user, device, op.type, op.count, op.created, tail))
-                for device in devices
-                for tail in op.tails
-            )
-        )
+        user, type_, count, created, tails = op.user, op.type, op.count, op.created, op.tails
+        append_many = self.inbox.append_many
+        made = []
+        for device in devices:
+            seq = append_many(device_prefix(user, device), type_, count, created, tails)
+            made.extend([(device, InboxEntry(seq + i, type_, count, created, tail)) for i, tail in enumerate(tails)])
+        return Appended(tuple(made))
 
-    def delete_up_to(self, user: str, device: int, seq: int) -> int:
-        prefix = device_prefix(user, device)
-        plen = len(prefix)
-        txn = self.txn
-        cursor = txn.cursor(db=self.shard.inbox)
-        deleted = 0
-        if cursor.set_range(prefix):
-            while True:
-                key = cursor.key()
-                if key[:plen] != prefix or _U64.unpack_from(key, plen)[0] > seq:
-                    break
-                deleted += 1
-                if not cursor.delete():
-                    break
-        if deleted:
-            counters = self._meta(prefix)
-            counters[1] = max(0, counters[1] - deleted)
-        return deleted
+    def delete_up_to(self, op: DeleteUpTo) -> int:
+        return self.inbox.delete_up_to(device_prefix(op.user, op.device), op.seq)
+
+    def drop_fan_out_marker(self, op: DropFanOutMarker) -> bool:
+        return bool(self.txn.delete(op.body_key, db=self.shard.fanout))
 
     # --- groups -------------------------------------------------------------
 
@@ -547,7 +521,7 @@ class _WriteTxn:
         info = found[0]
         if op.sender not in info.members:
             raise FrameError(FORBIDDEN, "not a member of that group", ref=op.msg_id)
-        tail = msg_tail(op.msg_id, op.sender, op.sender_device, op.group, op.ts, op.payload)
+        tail = self.msg_tail(op.msg_id, op.sender, op.sender_device, op.group, op.ts, op.payload)
         self.txn.put(key, _BODY_HEAD.pack(0, op.ts, 0) + tail, db=self.shard.bodies)
         return GroupPrepared(key, op.ts, False, info.members, tail)
 
@@ -575,8 +549,8 @@ class _WriteTxn:
 
     def _append_ref(self, user: str, device: int, created: int, body_key: bytes, body_tail: bytes) -> InboxEntry:
         """A reference to ``body_key`` in one inbox; returned as the MSG it stands for."""
-        entry = self._append(user, device, ENTRY_MSG_REF, 0, created, body_key)
-        return InboxEntry(entry.seq, ENTRY_MSG, MSG_FIELDS, created, body_tail, body_key)
+        seq = self.inbox.append(device_prefix(user, device), ENTRY_MSG_REF, 0, created, body_key)
+        return InboxEntry(seq, ENTRY_MSG, MSG_FIELDS, created, body_tail, body_key)
 
     def complete_group_message(self, op: CompleteGroupMessage) -> bool:
         raw = self.txn.get(op.body_key, db=self.shard.bodies)
@@ -639,8 +613,7 @@ class _WriteTxn:
         else:
             resume = None
         for prefix, count in pending_drop.items():
-            counters = self._meta(prefix)
-            counters[1] = max(0, counters[1] - count)
+            self.inbox.forget(prefix, count)
         if resume is None:
             # Idempotency records live as long as the messages they guard.
             idem = txn.cursor(db=self.shard.idem)
@@ -660,3 +633,19 @@ class _WriteTxn:
                     else:
                         positioned = cur.next()
         return resume, deleted
+
+
+_HANDLERS: dict[type, Callable[[_WriteTxn, Any], object]] = {
+    StoreMessage: _WriteTxn.store_message,
+    DeleteUpTo: _WriteTxn.delete_up_to,
+    AppendEntries: _WriteTxn.append_entries,
+    RegisterUser: _WriteTxn.register,
+    FanOut: _WriteTxn.fan_out,
+    ReleaseBodies: _WriteTxn.release_bodies,
+    PrepareGroupMessage: _WriteTxn.prepare_group_message,
+    CompleteGroupMessage: _WriteTxn.complete_group_message,
+    DropFanOutMarker: _WriteTxn.drop_fan_out_marker,
+    ChangeGroup: _WriteTxn.change_group,
+    CreateGroup: _WriteTxn.create_group,
+    ExpireEntries: _WriteTxn.expire,
+}
