@@ -251,15 +251,9 @@ EVENT_FIELDS = 3
 
 
 # A tail is the fields packed as one fixarray minus its one-byte header:
-# one call into msgpack instead of one per field.
-
-
-def msg_tail(msg_id: bytes, from_user: str, from_device: int, group: str | None, ts: int, payload: bytes) -> bytes:
-    return _packb([msg_id, from_user, from_device, group, ts, payload])[1:]
-
-
-def receipt_tail(msg_id: bytes, by_user: str, by_device: int, status: int, ts: int) -> bytes:
-    return _packb([msg_id, by_user, by_device, status, ts])[1:]
+# one call into msgpack instead of one per field. The MSG and RECEIPT tails,
+# made for every message, are built by the fast path (``msg_tail``,
+# ``receipt_tail`` in relay._fastpath_py and its compiled twin).
 
 
 def event_tail(kind: str, body: dict[str, Any], ts: int) -> bytes:
@@ -267,7 +261,7 @@ def event_tail(kind: str, body: dict[str, Any], ts: int) -> bytes:
 
 
 def decode_tail(tail: bytes) -> list[Any]:
-    """The fields of a stored tail, for the rare reader (receipts on ACK, tests)."""
+    """The fields of a stored tail, for the rare reader (tests, tools)."""
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
     unpacker.feed(tail)
     return list(unpacker)

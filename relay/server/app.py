@@ -58,11 +58,17 @@ class RelayServer:
             fastpath=self.fastpath.IMPLEMENTATION,
         )
         self.output_batch = OutputBatch()
+        self.router = Router()
         self.writers = [
-            GroupCommitWriter(self.store, i, max_batch=settings.commit_batch_max, output_batch=self.output_batch)
+            GroupCommitWriter(
+                self.store,
+                i,
+                max_batch=settings.commit_batch_max,
+                output_batch=self.output_batch,
+                deliver=self.router.deliver,
+            )
             for i in range(self.store.shards)
         ]
-        self.router = Router()
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
         self.heap = HeapTrimmer(load_malloc_trim())

@@ -27,7 +27,6 @@ ephemeral).
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import socket
@@ -37,7 +36,6 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-import msgpack
 import trio
 
 from relay.errors import (
@@ -164,7 +162,10 @@ class Connection:
         """A committed entry for this device, handed over from memory: the pump
         sends it without reading the inbox when it is the next seq due."""
         offered = self._offered
-        if len(offered) >= self.window.size:
+        # Not kept when the pump would drop it: it reads the store anyway (the
+        # inbox is dirty) or the window has no room for it. A sender's receipts
+        # from a fan-out come a thousand at a time into a window of 256.
+        if self._inbox_dirty or len(offered) >= self.window.capacity():
             self._inbox_dirty = True
         else:
             offered.append(entry)
@@ -604,16 +605,20 @@ class Connection:
         pushed = self._pushed
         now = now_ms()
         receipt_tails: dict[str, list[bytes]] = {}
-        released: dict[str, dict[bytes, int]] = {}
+        bodies: dict[bytes, int] = {}
+        msg_sender, receipt_tail = self.fp.msg_sender, self.fp.receipt_tail
         while pushed and pushed[0].seq <= acked:
             entry = pushed.popleft()
             if entry.body_key is not None:
-                counts = released.setdefault(group_of_body(entry.body_key), {})
-                counts[entry.body_key] = counts.get(entry.body_key, 0) + 1
+                bodies[entry.body_key] = bodies.get(entry.body_key, 0) + 1
             if entry.type == frames.MSG:
-                msg_id, from_user = _msg_header(entry.tail)
-                tail = frames.receipt_tail(msg_id, user, device, frames.RECEIPT_DELIVERED, now)
+                msg_id, from_user = msg_sender(entry.tail)
+                tail = receipt_tail(msg_id, user, device, frames.RECEIPT_DELIVERED, now)
                 receipt_tails.setdefault(from_user, []).append(tail)
+        # Group-body references acked, by the group whose shard holds the body.
+        released: dict[str, dict[bytes, int]] = {}
+        for body, count in bodies.items():
+            released.setdefault(group_of_body(body), {})[body] = count
         delete = DeleteUpTo(user, device, acked)
 
         def deleted(result: object) -> None:
@@ -632,21 +637,19 @@ class Connection:
         # crash in between repeats a receipt rather than losing one.
         remaining = len(receipt_tails)
 
-        def receipt_done(sender: str, result: object) -> None:
+        def receipts_stored(result: object) -> None:
             nonlocal remaining
             remaining -= 1
-            if isinstance(result, Appended):
-                server.router.deliver(sender, result.entries)
             if remaining == 0:
                 delete_writer.submit_delete(delete, deleted)
 
         # Receipts skip the writers' queue limit like other follow-ups: an ACK
         # covers at most a window of pushed entries, each admitted earlier
         # through a SEND's backpressure, so they are bounded by what caused them.
+        # The writer merges them per sender and delivers them once stored.
         for sender, tails in receipt_tails.items():
             skip = device if sender == user else None
-            receipt = AppendEntries(sender, frames.RECEIPT, frames.RECEIPT_FIELDS, tails, now, skip_device=skip)
-            server.writer_for(sender).submit_followup(receipt, functools.partial(receipt_done, sender))
+            server.writer_for(sender).submit_receipts(sender, skip, tails, now, receipts_stored)
 
     async def _serve_read(self, event: frames.Read) -> None:
         assert self.user is not None and self.device is not None
@@ -661,7 +664,8 @@ class Connection:
             if isinstance(result, Appended):
                 server.router.deliver(event.sender, result.entries)
 
-        tails = [frames.receipt_tail(m, self.user, self.device, frames.RECEIPT_READ, now) for m in event.msg_ids]
+        receipt_tail = self.fp.receipt_tail
+        tails = [receipt_tail(m, self.user, self.device, frames.RECEIPT_READ, now) for m in event.msg_ids]
         if tails:
             await writer.submit(AppendEntries(event.sender, frames.RECEIPT, frames.RECEIPT_FIELDS, tails, now, skip_device=skip), done)
 
@@ -824,14 +828,3 @@ def _ref_of(event: frames.ClientEvent) -> object:
         frames.Request: frames.REQ,
         frames.Signal: frames.SIGNAL,
     }.get(type(event))
-
-
-_MSG_TAIL_ARRAY = bytes([0x90 | frames.MSG_FIELDS])
-
-
-def _msg_header(tail: bytes) -> tuple[bytes, str]:
-    """msg_id and from_user of a stored MSG tail (its fields without the array
-    header). One unpackb of the whole tail costs a third of an Unpacker that
-    stops after two fields (which copies the whole tail into its buffer too)."""
-    fields = msgpack.unpackb(_MSG_TAIL_ARRAY + tail, raw=False)
-    return fields[0], fields[1]

@@ -19,8 +19,17 @@ from typing import Any
 
 import trio
 
+from relay.protocol.frames import RECEIPT, RECEIPT_FIELDS
 from relay.server.flush import OutputBatch
-from relay.store.base import DeleteUpTo, ReleaseBodies, Store, WriteOp
+from relay.store.base import (
+    Appended,
+    AppendEntries,
+    DeleteUpTo,
+    InboxEntry,
+    ReleaseBodies,
+    Store,
+    WriteOp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,8 @@ def _call_all(callbacks: list[Callback], result: object) -> None:
         callback(result)
 
 Callback = Callable[[object], None]
+# Where stored receipts go: (user, the (device, entry) pairs appended).
+Deliver = Callable[[str, tuple[tuple[int, InboxEntry], ...]], None]
 
 
 class GroupCommitWriter:
@@ -42,8 +53,10 @@ class GroupCommitWriter:
         max_batch: int = 4096,
         queue_size: int = 4096,
         output_batch: OutputBatch | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
         self.store = store
+        self.deliver = deliver
         # The callbacks of one commit queue output on many connections: it is
         # written once, when they have all run.
         self.output_batch = output_batch if output_batch is not None else OutputBatch()
@@ -61,6 +74,10 @@ class GroupCommitWriter:
         # Group-body references released by those deletes, summed per body
         # (a fan-out to N members releases N times): committed with them.
         self._releases: dict[bytes, int] = {}
+        # Delivered receipts by (sender, device to skip), merged across ACKs:
+        # [tails, callbacks, created]. A fan-out to N members makes N receipts
+        # for one sender; they commit as one op per batch, not N.
+        self._receipts: dict[tuple[str, int | None], tuple[list[bytes], list[Callback], list[int]]] = {}
         self.batches = 0
         self.ops = 0
 
@@ -125,6 +142,43 @@ class GroupCommitWriter:
         for key, count in counts.items():
             releases[key] = releases.get(key, 0) + count
 
+    def submit_receipts(self, user: str, skip_device: int | None, tails: list[bytes], created: int, on_done: Callback) -> None:
+        """Queue RECEIPT tails for every device of ``user`` but ``skip_device``,
+        merged with other receipts pending for the same devices; taken first
+        by the next batch like follow-ups (never blocks, bounded by the ACKs
+        that cause them). After the commit the appended entries go to
+        ``deliver`` and ``on_done`` gets the merged op's result."""
+        if self._closed:
+            return
+        key = (user, skip_device)
+        pending = self._receipts.get(key)
+        if pending is None:
+            if not self._receipts:
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                    self._send.send_nowait(None)  # wake an idle writer
+            self._receipts[key] = (list(tails), [on_done], [created])
+            return
+        pending[0].extend(tails)
+        pending[1].append(on_done)
+        pending[2][0] = max(pending[2][0], created)
+
+    def _take_receipts(self) -> list[tuple[WriteOp, Callback | None]]:
+        receipts = self._receipts
+        self._receipts = {}
+        return [
+            (
+                AppendEntries(user, RECEIPT, RECEIPT_FIELDS, tails, created[0], skip_device=skip),
+                functools.partial(self._receipts_done, user, callbacks),
+            )
+            for (user, skip), (tails, callbacks, created) in receipts.items()
+        ]
+
+    def _receipts_done(self, user: str, callbacks: list[Callback], result: object) -> None:
+        if isinstance(result, Appended) and self.deliver is not None:
+            self.deliver(user, result.entries)
+        for callback in callbacks:
+            callback(result)
+
     def _lazy_pending(self) -> bool:
         return bool(self._deletes or self._releases)
 
@@ -169,7 +223,7 @@ class GroupCommitWriter:
             while True:
                 first = None
                 flush_deletes = False
-                if not followups:
+                if not followups and not self._receipts:
                     try:
                         if self._lazy_pending():
                             with trio.move_on_after(LAZY_DELETE_S) as waited:
@@ -179,13 +233,15 @@ class GroupCommitWriter:
                             first = await receive.receive()
                     except trio.EndOfChannel:
                         self._closed = True
-                        if not followups and not self._lazy_pending():
+                        if not followups and not self._receipts and not self._lazy_pending():
                             return
                         flush_deletes = True
                 batch: list[tuple[WriteOp, Callback | None]] = [] if first is None else [first]
                 # Follow-ups first: they continue work admitted earlier.
                 if followups:
                     batch[:0] = [followups.popleft() for _ in range(min(len(followups), self.max_batch))]
+                if self._receipts:
+                    batch.extend(self._take_receipts())
                 while len(batch) < self.max_batch:
                     try:
                         item = receive.receive_nowait()
