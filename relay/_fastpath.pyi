@@ -9,6 +9,7 @@ from relay._fastpath_py import OP_PING as OP_PING
 from relay._fastpath_py import OP_PONG as OP_PONG
 from relay._fastpath_py import OP_TEXT as OP_TEXT
 from relay._fastpath_py import WebSocketError as WebSocketError
+from relay.protocol.frames import Ack, Send
 
 IMPLEMENTATION: str
 
@@ -22,6 +23,7 @@ def msg_tail(
 ) -> bytes: ...
 def receipt_tail(msg_id: bytes, by_user: str, by_device: int, status: int, ts: int) -> bytes: ...
 def msg_sender(tail: bytes) -> tuple[bytes, str]: ...
+def decode_send_or_ack(payload: bytes) -> Send | Ack | None: ...
 
 class FrameParser:
     max_message_size: int

@@ -529,6 +529,134 @@ def msg_sender(tail):
     return PyBytes_FromStringAndSize(<const char*>p + id_start, id_len), from_user
 
 
+# ---------------------------------------------------------- client frames
+
+from relay.protocol.frames import Ack as _Ack, Send as _Send
+
+cdef enum:
+    C_SEND = 10
+    C_ACK = 14
+
+assert C_SEND == _twin.frames.SEND and C_ACK == _twin.frames.ACK
+
+
+cdef inline bint _user_char(unsigned char c) noexcept nogil:
+    # relay.protocol.frames.is_user: [a-z0-9._-]
+    return (c >= 0x61 and c <= 0x7a) or (c >= 0x30 and c <= 0x39) or c == 0x2e or c == 0x5f or c == 0x2d
+
+
+cdef object _decode_ack(const unsigned char* p, Py_ssize_t n):
+    cdef uint64_t seq
+    cdef unsigned char h = p[2]
+    if h < 0x80 and n == 3:
+        seq = h
+    elif h == 0xcc and n == 4:
+        seq = p[3]
+    elif h == 0xcd and n == 5:
+        seq = _be_len(p + 3, 2)
+    elif h == 0xce and n == 7:
+        seq = <uint64_t>_be_len(p + 3, 4)
+    elif h == 0xcf and n == 11:
+        seq = _be64(p + 3)
+        if seq > <uint64_t>LLONG_MAX:  # frames.MAX_SEQ
+            return None
+    else:
+        return None
+    return _Ack(seq)
+
+
+cdef object _decode_send(const unsigned char* p, Py_ssize_t n):
+    cdef Py_ssize_t pos, to_len, count, i, length, k
+    cdef unsigned char h
+    cdef int key
+    cdef dict payloads = {}
+    # msg_id: bin8 of 16 bytes
+    if n < 21 or p[2] != 0xc4 or p[3] != 16:
+        return None
+    pos = 20
+    # to: fixstr or str8, a user name
+    h = p[pos]
+    if h >= 0xa1 and h <= 0xbf:
+        to_len = h & 0x1f
+        pos += 1
+    elif h == 0xd9 and pos + 1 < n and p[pos + 1] >= 32 and p[pos + 1] <= 64:
+        to_len = p[pos + 1]
+        pos += 2
+    else:
+        return None
+    if n - pos < to_len:
+        return None
+    for i in range(to_len):
+        if not _user_char(p[pos + i]):
+            return None
+    to = PyUnicode_DecodeUTF8(<const char*>p + pos, to_len, NULL)
+    pos += to_len
+    # payloads: fixmap or map16, device (1-255) -> bin
+    if pos >= n:
+        return None
+    h = p[pos]
+    if h >= 0x81 and h <= 0x8f:
+        count = h & 0x0f
+        pos += 1
+    elif h == 0xde and n - pos >= 3:
+        count = _be_len(p + pos + 1, 2)
+        if count < 16:
+            return None
+        pos += 3
+    else:
+        return None
+    for i in range(count):
+        if pos >= n:
+            return None
+        h = p[pos]
+        if h >= 1 and h < 0x80:
+            key = h
+            pos += 1
+        elif h == 0xcc and pos + 1 < n and p[pos + 1] >= 0x80:
+            key = p[pos + 1]
+            pos += 2
+        else:
+            return None
+        if pos >= n:
+            return None
+        h = p[pos]
+        k = 1 if h == 0xc4 else 2 if h == 0xc5 else 4 if h == 0xc6 else 0
+        if k == 0 or n - pos - 1 < k:
+            return None
+        length = _be_len(p + pos + 1, k)
+        # the smallest header only, as msgpack's packer writes it
+        if (k == 2 and length <= 0xff) or (k == 4 and length <= 0xffff):
+            return None
+        pos += 1 + k
+        if n - pos < length:
+            return None
+        device = key
+        if device in payloads:  # a duplicate key: the general path decides
+            return None
+        payloads[device] = PyBytes_FromStringAndSize(<const char*>p + pos, length)
+        pos += length
+    if pos != n:
+        return None
+    return _Send(PyBytes_FromStringAndSize(<const char*>p + 4, 16), to, payloads)
+
+
+def decode_send_or_ack(payload):
+    """The event of a WebSocket message that is exactly one valid SEND or ACK
+    frame, or ``None`` (see the pure twin). Decodes msgpack's smallest
+    encodings straight from the bytes; anything else returns ``None``."""
+    if not PyBytes_CheckExact(payload):
+        return None
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(payload)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+    if n < 3:
+        return None
+    if p[0] == 0x92 and p[1] == C_ACK:
+        return _decode_ack(p, n)
+    if p[0] == 0x94 and p[1] == C_SEND:
+        return _decode_send(p, n)
+    return None
+
+
 # ---------------------------------------------------------------- parser
 
 

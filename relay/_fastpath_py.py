@@ -14,6 +14,9 @@ What lives here is the per-message hot path of the relay:
 * :func:`msg_tail`, :func:`receipt_tail` -- the stored fields of a MSG and a
   RECEIPT (msgpack, back to back, without the array header);
   :func:`msg_sender` -- msg_id and from_user back out of a MSG tail.
+* :func:`decode_send_or_ack` -- the event of a message that is one valid SEND
+  or ACK frame (most of what clients send), without the session's general
+  path; ``None`` sends anything else there.
 
 Raises :class:`WebSocketError` (with the close code to send) when the peer
 breaks the protocol. Nothing here touches a socket or a clock.
@@ -22,6 +25,9 @@ breaks the protocol. Nothing here touches a socket or a clock.
 from __future__ import annotations
 
 import msgpack
+
+from relay.errors import FrameError
+from relay.protocol import frames
 
 IMPLEMENTATION = "pure"
 
@@ -271,3 +277,33 @@ class FrameParser:
                 self._fragment_size = length
         del buf[:pos]
         return out
+
+
+# The first two bytes of a message holding one SEND (fixarray of 4, type 10)
+# or one ACK (fixarray of 2, type 14): how every client encodes them.
+_SEND_HEAD = bytes((0x94, frames.SEND))
+_ACK_HEAD = bytes((0x92, frames.ACK))
+
+
+def decode_send_or_ack(payload: bytes) -> frames.Send | frames.Ack | None:
+    """The event of a WebSocket message that is exactly one valid SEND or ACK
+    frame, as :func:`relay.protocol.frames.parse_frame` would return it.
+
+    ``None`` for anything else: other frame types, several frames, bad
+    input. The session's general path then decodes the message and answers
+    what is wrong with it, so ``None`` is always safe. Both twins decode every
+    valid SEND and ACK as msgpack's packer writes them (smallest ints and
+    headers); the compiled one leaves rarer encodings to the general path.
+    """
+    head = payload[:2]
+    if head != _SEND_HEAD and head != _ACK_HEAD:
+        return None
+    try:
+        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    except Exception:  # noqa: BLE001 - the general path reports it
+        return None
+    try:
+        event = frames.parse_frame(obj)
+    except FrameError:
+        return None
+    return event  # type: ignore[return-value]

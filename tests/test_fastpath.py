@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from relay import _fastpath_py
 from relay.fastpath import load
+from relay.protocol import frames
+from relay.protocol.session import Session
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -835,3 +837,110 @@ def test_tails_refuse_other_types_like_msgpack(fp):
         fp.receipt_tail(b"id", "u", 1, 1, 2**64)
     # A bool is packed exactly as msgpack packs it (true, not 1).
     assert fp.receipt_tail(b"id", "u", True, 1, 1) == msgpack.packb([b"id", "u", True, 1, 1], use_bin_type=True)[1:]
+
+
+# ------------------------------------------------------ SEND and ACK frames
+
+USERS = st.from_regex(r"[a-z0-9._-]{1,64}", fullmatch=True)
+DEVICE_PAYLOADS = st.dictionaries(
+    st.integers(1, 255), st.binary(max_size=300) | st.sampled_from([b"q" * 255, b"r" * 256, b"s" * 65536]), min_size=1, max_size=20
+)
+SEQS = st.integers(0, 2**63 - 1) | st.sampled_from([0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1])
+
+
+def _general(payload: bytes) -> list[object]:
+    """What the session's general path makes of ``payload`` once READY."""
+    session = Session()
+    session.authenticated("me", 1)
+    return session.receive_message(payload)
+
+
+def _packed(obj: object) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+@FAST
+@given(msg_id=st.binary(min_size=16, max_size=16), to=USERS, payloads=DEVICE_PAYLOADS, seq=SEQS)
+def test_decode_send_or_ack_takes_what_msgpack_packs(fp, msg_id, to, payloads, seq):
+    send = _packed([10, msg_id, to, payloads])
+    assert fp.decode_send_or_ack(send) == frames.Send(msg_id, to, payloads)
+    assert [fp.decode_send_or_ack(send)] == _general(send)
+    ack = _packed([14, seq])
+    assert fp.decode_send_or_ack(ack) == frames.Ack(seq)
+    assert [fp.decode_send_or_ack(ack)] == _general(ack)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [14, -1],
+        [14, 2**63],
+        [14, 1.0],
+        [14],
+        [14, 1, 2],
+        [10, b"x" * 15, "bob", {1: b"p"}],
+        [10, b"x" * 16, "Bob", {1: b"p"}],
+        [10, b"x" * 16, "b" * 65, {1: b"p"}],
+        [10, b"x" * 16, "", {1: b"p"}],
+        [10, b"x" * 16, "bob", {}],
+        [10, b"x" * 16, "bob", {0: b"p"}],
+        [10, b"x" * 16, "bob", {256: b"p"}],
+        [10, b"x" * 16, "bob", {1: "p"}],
+        [10, b"x" * 16, "bob", {"1": b"p"}],
+        [10, b"x" * 16, "bob", {1: b"p"}, 5],
+        [11, b"x" * 16, "g." + "a" * 22, b"p"],
+        [16, "bob", [b"x" * 16]],
+    ],
+)
+def test_decode_send_or_ack_leaves_the_rest_to_the_general_path(fp, obj):
+    assert fp.decode_send_or_ack(_packed(obj)) is None
+
+
+def test_decode_send_or_ack_leaves_odd_encodings_to_the_general_path(both):
+    pure, cy = both
+    msg_id = b"m" * 16
+    odd = [
+        # ACK seq 5 as a uint16, a map16 of one entry, a bin16 of 3 bytes
+        b"\x92\x0e\xcd\x00\x05",
+        b"\x94\x0a\xc4\x10" + msg_id + b"\xa3bob\xde\x00\x01\x01\xc4\x01p",
+        b"\x94\x0a\xc4\x10" + msg_id + b"\xa3bob\x81\x01\xc5\x00\x03abc",
+    ]
+    for payload in odd:
+        (general,) = _general(payload)
+        # Either twin may decode a valid frame itself, as the general path would.
+        assert pure.decode_send_or_ack(payload) in (None, general)
+        assert cy.decode_send_or_ack(payload) in (None, general)
+    # Two frames in one message always take the general path.
+    two = _packed([14, 1]) + _packed([14, 2])
+    assert pure.decode_send_or_ack(two) is None and cy.decode_send_or_ack(two) is None
+    assert _general(two) == [frames.Ack(1), frames.Ack(2)]
+    # A duplicate device key: msgpack keeps the last; the compiled twin declines.
+    duplicate = b"\x94\x0a\xc4\x10" + msg_id + b"\xa3bob\x82\x01\xc4\x01a\x01\xc4\x01b"
+    assert cy.decode_send_or_ack(duplicate) is None
+    assert _general(duplicate) == [frames.Send(msg_id, "bob", {1: b"b"})]
+
+
+@FAST
+@given(
+    obj=st.sampled_from([[14, 300], [10, b"i" * 16, "bob.x", {1: b"hello", 200: b""}]]),
+    cut=st.integers(0, 60),
+    flips=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=4),
+    extra=st.binary(max_size=4),
+)
+def test_decode_send_or_ack_is_none_or_the_general_result_on_mutations(fp, obj, cut, flips, extra):
+    payload = bytearray(_packed(obj))
+    for pos, value in flips:
+        if pos < len(payload):
+            payload[pos] = value
+    mutated = bytes(payload[: max(cut, 2)]) + extra
+    got = fp.decode_send_or_ack(mutated)
+    if got is not None:
+        assert [got] == _general(mutated)
+
+
+@FAST
+@given(data=st.binary(max_size=64).map(lambda b: b"\x94\x0a" + b) | st.binary(max_size=16).map(lambda b: b"\x92\x0e" + b))
+def test_decode_send_or_ack_of_any_bytes(fp, data):
+    got = fp.decode_send_or_ack(data)
+    if got is not None:
+        assert [got] == _general(data)

@@ -12,6 +12,7 @@ once an AUTH/REGISTER succeeded.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 import msgpack
 
@@ -44,9 +45,18 @@ class Session:
     ignores the rest; the session is then CLOSED and returns nothing more.
     """
 
-    def __init__(self, max_frames_per_message: int = 1024, max_message_size: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        max_frames_per_message: int = 1024,
+        max_message_size: int = 1 << 20,
+        decode_send_or_ack: Callable[[bytes], frames.Send | frames.Ack | None] | None = None,
+    ) -> None:
         self.max_frames_per_message = max_frames_per_message
         self.max_message_size = max_message_size
+        # The fast path's decoder for the two frames clients send most (see
+        # relay._fastpath_py.decode_send_or_ack): once READY, a message it
+        # decodes skips the general path, which gives the same event.
+        self._decode_send_or_ack = decode_send_or_ack
         self.state = SessionState.AWAIT_AUTH
         self.malformed = 0
         self.user: str | None = None
@@ -99,7 +109,12 @@ class Session:
         return objs, None
 
     def receive_message(self, payload: bytes) -> list[ClientEvent | FrameError]:
-        if self.state is SessionState.CLOSED:
+        state = self.state
+        if state is SessionState.READY and self._decode_send_or_ack is not None:
+            event = self._decode_send_or_ack(payload)
+            if event is not None:
+                return [event]
+        elif state is SessionState.CLOSED:
             return []
         objs, tail_error = self._unpack(payload)
         out: list[ClientEvent | FrameError] = []

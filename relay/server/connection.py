@@ -116,7 +116,9 @@ class Connection:
         self.stream = stream
         self.user: str | None = None
         self.device: int | None = None
-        self.session = Session(self.settings.max_frames_per_message, self.settings.max_message_bytes)
+        self.session = Session(
+            self.settings.max_frames_per_message, self.settings.max_message_bytes, self.fp.decode_send_or_ack
+        )
         self.parser = self.fp.FrameParser(self.settings.max_message_bytes, True)
         self.challenge = os.urandom(32)
         self.window = DeliveryWindow(self.settings.window)
