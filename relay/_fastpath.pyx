@@ -545,35 +545,47 @@ cdef inline bint _user_char(unsigned char c) noexcept nogil:
     return (c >= 0x61 and c <= 0x7a) or (c >= 0x30 and c <= 0x39) or c == 0x2e or c == 0x5f or c == 0x2d
 
 
-cdef object _decode_ack(const unsigned char* p, Py_ssize_t n):
+cdef object _decode_ack(const unsigned char* p, Py_ssize_t n, Py_ssize_t* at):
+    # p[at[0]:] starts with 0x92 0x0e; on success at[0] moves past the frame.
+    cdef Py_ssize_t pos = at[0] + 2
     cdef uint64_t seq
-    cdef unsigned char h = p[2]
-    if h < 0x80 and n == 3:
+    if pos >= n:
+        return None
+    cdef unsigned char h = p[pos]
+    if h < 0x80:
         seq = h
-    elif h == 0xcc and n == 4:
-        seq = p[3]
-    elif h == 0xcd and n == 5:
-        seq = _be_len(p + 3, 2)
-    elif h == 0xce and n == 7:
-        seq = <uint64_t>_be_len(p + 3, 4)
-    elif h == 0xcf and n == 11:
-        seq = _be64(p + 3)
+        pos += 1
+    elif h == 0xcc and n - pos >= 2:
+        seq = p[pos + 1]
+        pos += 2
+    elif h == 0xcd and n - pos >= 3:
+        seq = _be_len(p + pos + 1, 2)
+        pos += 3
+    elif h == 0xce and n - pos >= 5:
+        seq = <uint64_t>_be_len(p + pos + 1, 4)
+        pos += 5
+    elif h == 0xcf and n - pos >= 9:
+        seq = _be64(p + pos + 1)
         if seq > <uint64_t>LLONG_MAX:  # frames.MAX_SEQ
             return None
+        pos += 9
     else:
         return None
+    at[0] = pos
     return _Ack(seq)
 
 
-cdef object _decode_send(const unsigned char* p, Py_ssize_t n):
-    cdef Py_ssize_t pos, to_len, count, i, length, k
+cdef object _decode_send(const unsigned char* p, Py_ssize_t n, Py_ssize_t* at):
+    # p[at[0]:] starts with 0x94 0x0a; on success at[0] moves past the frame.
+    cdef Py_ssize_t pos = at[0], to_len, count, i, length, k
     cdef unsigned char h
     cdef int key
     cdef dict payloads = {}
     # msg_id: bin8 of 16 bytes
-    if n < 21 or p[2] != 0xc4 or p[3] != 16:
+    if n - pos < 21 or p[pos + 2] != 0xc4 or p[pos + 3] != 16:
         return None
-    pos = 20
+    msg_id = PyBytes_FromStringAndSize(<const char*>p + pos + 4, 16)
+    pos += 20
     # to: fixstr or str8, a user name
     h = p[pos]
     if h >= 0xa1 and h <= 0xbf:
@@ -635,26 +647,37 @@ cdef object _decode_send(const unsigned char* p, Py_ssize_t n):
             return None
         payloads[device] = PyBytes_FromStringAndSize(<const char*>p + pos, length)
         pos += length
-    if pos != n:
-        return None
-    return _Send(PyBytes_FromStringAndSize(<const char*>p + 4, 16), to, payloads)
+    at[0] = pos
+    return _Send(msg_id, to, payloads)
 
 
-def decode_send_or_ack(payload):
-    """The event of a WebSocket message that is exactly one valid SEND or ACK
-    frame, or ``None`` (see the pure twin). Decodes msgpack's smallest
-    encodings straight from the bytes; anything else returns ``None``."""
+def decode_sends_and_acks(payload, max_frames):
+    """The events of a WebSocket message made of valid SEND and ACK frames
+    only, at most ``max_frames`` of them, or ``None`` (see the pure twin).
+    Decodes msgpack's smallest encodings straight from the bytes; anything
+    else returns ``None``."""
     if not PyBytes_CheckExact(payload):
         return None
     cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(payload)
     cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
-    if n < 3:
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t limit = max_frames
+    cdef list events = []
+    if n == 0:
         return None
-    if p[0] == 0x92 and p[1] == C_ACK:
-        return _decode_ack(p, n)
-    if p[0] == 0x94 and p[1] == C_SEND:
-        return _decode_send(p, n)
-    return None
+    while pos < n:
+        if n - pos < 3 or len(events) >= limit:
+            return None
+        if p[pos] == 0x92 and p[pos + 1] == C_ACK:
+            event = _decode_ack(p, n, &pos)
+        elif p[pos] == 0x94 and p[pos + 1] == C_SEND:
+            event = _decode_send(p, n, &pos)
+        else:
+            return None
+        if event is None:
+            return None
+        events.append(event)
+    return events
 
 
 # ---------------------------------------------------------------- parser

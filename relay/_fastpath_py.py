@@ -14,9 +14,9 @@ What lives here is the per-message hot path of the relay:
 * :func:`msg_tail`, :func:`receipt_tail` -- the stored fields of a MSG and a
   RECEIPT (msgpack, back to back, without the array header);
   :func:`msg_sender` -- msg_id and from_user back out of a MSG tail.
-* :func:`decode_send_or_ack` -- the event of a message that is one valid SEND
-  or ACK frame (most of what clients send), without the session's general
-  path; ``None`` sends anything else there.
+* :func:`decode_sends_and_acks` -- the events of a message made only of valid
+  SEND and ACK frames (most of what clients send), without the session's
+  general path; ``None`` sends anything else there.
 
 Raises :class:`WebSocketError` (with the close code to send) when the peer
 breaks the protocol. Nothing here touches a socket or a clock.
@@ -279,31 +279,61 @@ class FrameParser:
         return out
 
 
-# The first two bytes of a message holding one SEND (fixarray of 4, type 10)
-# or one ACK (fixarray of 2, type 14): how every client encodes them.
+# How a SEND (fixarray of 4, type 10) and an ACK (fixarray of 2, type 14)
+# start, the way every client encodes them.
 _SEND_HEAD = bytes((0x94, frames.SEND))
 _ACK_HEAD = bytes((0x92, frames.ACK))
 
 
-def decode_send_or_ack(payload: bytes) -> frames.Send | frames.Ack | None:
-    """The event of a WebSocket message that is exactly one valid SEND or ACK
-    frame, as :func:`relay.protocol.frames.parse_frame` would return it.
+def decode_sends_and_acks(payload: bytes, max_frames: int) -> list[frames.Send | frames.Ack] | None:
+    """The events of a WebSocket message made only of valid SEND and ACK
+    frames, at most ``max_frames`` of them, as
+    :func:`relay.protocol.frames.parse_frame` would return them.
 
-    ``None`` for anything else: other frame types, several frames, bad
-    input. The session's general path then decodes the message and answers
-    what is wrong with it, so ``None`` is always safe. Both twins decode every
-    valid SEND and ACK as msgpack's packer writes them (smallest ints and
-    headers); the compiled one leaves rarer encodings to the general path.
+    ``None`` for anything else: another frame type anywhere in the message,
+    too many frames, bad input. The session's general path then decodes the
+    message and answers what is wrong with it, so ``None`` is always safe.
+    Both twins decode every valid SEND and ACK as msgpack's packer writes
+    them (smallest ints and headers); the compiled one leaves rarer encodings
+    to the general path.
     """
     head = payload[:2]
     if head != _SEND_HEAD and head != _ACK_HEAD:
         return None
+    objs: list[object] | None
     try:
-        obj = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        # One frame per message is the usual case: one call, no Unpacker.
+        objs = [msgpack.unpackb(payload, raw=False, strict_map_key=False)]
+    except msgpack.ExtraData:
+        objs = _frames_of(payload, max_frames)
     except Exception:  # noqa: BLE001 - the general path reports it
         return None
-    try:
-        event = frames.parse_frame(obj)
-    except FrameError:
+    if objs is None or len(objs) > max_frames:
         return None
-    return event  # type: ignore[return-value]
+    events: list[frames.Send | frames.Ack] = []
+    for obj in objs:
+        if type(obj) is not list or not obj or type(obj[0]) is not int or obj[0] not in (frames.SEND, frames.ACK):
+            return None
+        try:
+            events.append(frames.parse_frame(obj))  # type: ignore[arg-type]
+        except FrameError:
+            return None
+    return events
+
+
+def _frames_of(payload: bytes, max_frames: int) -> list[object] | None:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(payload))
+    unpacker.feed(payload)
+    objs: list[object] = []
+    # tell() counts the part of an incomplete object read so far too: the end
+    # of the last complete one shows a truncated frame.
+    end = 0
+    try:
+        for obj in unpacker:
+            objs.append(obj)
+            end = unpacker.tell()
+            if len(objs) > max_frames:
+                return None
+    except Exception:  # noqa: BLE001 - the general path reports it
+        return None
+    return objs if end == len(payload) else None

@@ -43,4 +43,4 @@ pack_entry = _live.pack_entry
 msg_tail = _live.msg_tail
 receipt_tail = _live.receipt_tail
 msg_sender = _live.msg_sender
-decode_send_or_ack = _live.decode_send_or_ack
+decode_sends_and_acks = _live.decode_sends_and_acks

@@ -859,15 +859,25 @@ def _packed(obj: object) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _decode(fp: ModuleType, payload: bytes, max_frames: int = 1024) -> list[object] | None:
+    return fp.decode_sends_and_acks(payload, max_frames)
+
+
+SEND_FRAMES = st.builds(
+    lambda msg_id, to, payloads: [10, msg_id, to, payloads], st.binary(min_size=16, max_size=16), USERS, DEVICE_PAYLOADS
+)
+ACK_FRAMES = st.builds(lambda seq: [14, seq], SEQS)
+
+
 @FAST
-@given(msg_id=st.binary(min_size=16, max_size=16), to=USERS, payloads=DEVICE_PAYLOADS, seq=SEQS)
-def test_decode_send_or_ack_takes_what_msgpack_packs(fp, msg_id, to, payloads, seq):
-    send = _packed([10, msg_id, to, payloads])
-    assert fp.decode_send_or_ack(send) == frames.Send(msg_id, to, payloads)
-    assert [fp.decode_send_or_ack(send)] == _general(send)
-    ack = _packed([14, seq])
-    assert fp.decode_send_or_ack(ack) == frames.Ack(seq)
-    assert [fp.decode_send_or_ack(ack)] == _general(ack)
+@given(objs=st.lists(SEND_FRAMES | ACK_FRAMES, min_size=1, max_size=6))
+def test_decode_sends_and_acks_takes_what_msgpack_packs(fp, objs):
+    payload = b"".join(_packed(obj) for obj in objs)
+    expected = [frames.Send(*obj[1:]) if obj[0] == 10 else frames.Ack(obj[1]) for obj in objs]
+    assert _decode(fp, payload) == expected == _general(payload)
+    # More frames than allowed: the general path answers TOO_LARGE.
+    assert _decode(fp, payload, len(objs) - 1) is None
+    assert _decode(fp, payload, len(objs)) == expected
 
 
 @pytest.mark.parametrize(
@@ -892,11 +902,14 @@ def test_decode_send_or_ack_takes_what_msgpack_packs(fp, msg_id, to, payloads, s
         [16, "bob", [b"x" * 16]],
     ],
 )
-def test_decode_send_or_ack_leaves_the_rest_to_the_general_path(fp, obj):
-    assert fp.decode_send_or_ack(_packed(obj)) is None
+def test_decode_sends_and_acks_leaves_the_rest_to_the_general_path(fp, obj):
+    assert _decode(fp, _packed(obj)) is None
+    # One such frame among good ones sends the whole message there.
+    assert _decode(fp, _packed([14, 1]) + _packed(obj)) is None
+    assert _decode(fp, _packed(obj) + _packed([14, 1])) is None
 
 
-def test_decode_send_or_ack_leaves_odd_encodings_to_the_general_path(both):
+def test_decode_sends_and_acks_leaves_odd_encodings_to_the_general_path(both):
     pure, cy = both
     msg_id = b"m" * 16
     odd = [
@@ -906,41 +919,42 @@ def test_decode_send_or_ack_leaves_odd_encodings_to_the_general_path(both):
         b"\x94\x0a\xc4\x10" + msg_id + b"\xa3bob\x81\x01\xc5\x00\x03abc",
     ]
     for payload in odd:
-        (general,) = _general(payload)
+        general = _general(payload)
         # Either twin may decode a valid frame itself, as the general path would.
-        assert pure.decode_send_or_ack(payload) in (None, general)
-        assert cy.decode_send_or_ack(payload) in (None, general)
-    # Two frames in one message always take the general path.
-    two = _packed([14, 1]) + _packed([14, 2])
-    assert pure.decode_send_or_ack(two) is None and cy.decode_send_or_ack(two) is None
-    assert _general(two) == [frames.Ack(1), frames.Ack(2)]
+        assert _decode(pure, payload) in (None, general)
+        assert _decode(cy, payload) in (None, general)
     # A duplicate device key: msgpack keeps the last; the compiled twin declines.
     duplicate = b"\x94\x0a\xc4\x10" + msg_id + b"\xa3bob\x82\x01\xc4\x01a\x01\xc4\x01b"
-    assert cy.decode_send_or_ack(duplicate) is None
+    assert _decode(cy, duplicate) is None
     assert _general(duplicate) == [frames.Send(msg_id, "bob", {1: b"b"})]
+    # A truncated last frame
+    assert _decode(pure, _packed([14, 1]) + b"\x92\x0e") is None
+    assert _decode(cy, _packed([14, 1]) + b"\x92\x0e") is None
 
 
 @FAST
 @given(
-    obj=st.sampled_from([[14, 300], [10, b"i" * 16, "bob.x", {1: b"hello", 200: b""}]]),
-    cut=st.integers(0, 60),
-    flips=st.lists(st.tuples(st.integers(0, 60), st.integers(0, 255)), max_size=4),
+    objs=st.lists(
+        st.sampled_from([[14, 300], [10, b"i" * 16, "bob.x", {1: b"hello", 200: b""}]]), min_size=1, max_size=3
+    ),
+    cut=st.integers(0, 120),
+    flips=st.lists(st.tuples(st.integers(0, 120), st.integers(0, 255)), max_size=4),
     extra=st.binary(max_size=4),
 )
-def test_decode_send_or_ack_is_none_or_the_general_result_on_mutations(fp, obj, cut, flips, extra):
-    payload = bytearray(_packed(obj))
+def test_decode_sends_and_acks_is_none_or_the_general_result_on_mutations(fp, objs, cut, flips, extra):
+    payload = bytearray(b"".join(_packed(obj) for obj in objs))
     for pos, value in flips:
         if pos < len(payload):
             payload[pos] = value
     mutated = bytes(payload[: max(cut, 2)]) + extra
-    got = fp.decode_send_or_ack(mutated)
+    got = _decode(fp, mutated)
     if got is not None:
-        assert [got] == _general(mutated)
+        assert got == _general(mutated)
 
 
 @FAST
 @given(data=st.binary(max_size=64).map(lambda b: b"\x94\x0a" + b) | st.binary(max_size=16).map(lambda b: b"\x92\x0e" + b))
-def test_decode_send_or_ack_of_any_bytes(fp, data):
-    got = fp.decode_send_or_ack(data)
+def test_decode_sends_and_acks_of_any_bytes(fp, data):
+    got = _decode(fp, data)
     if got is not None:
-        assert [got] == _general(data)
+        assert got == _general(data)

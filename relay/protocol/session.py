@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import cast
 
 import msgpack
 
@@ -49,14 +50,14 @@ class Session:
         self,
         max_frames_per_message: int = 1024,
         max_message_size: int = 1 << 20,
-        decode_send_or_ack: Callable[[bytes], frames.Send | frames.Ack | None] | None = None,
+        decode_sends_and_acks: Callable[[bytes, int], list[frames.Send | frames.Ack] | None] | None = None,
     ) -> None:
         self.max_frames_per_message = max_frames_per_message
         self.max_message_size = max_message_size
         # The fast path's decoder for the two frames clients send most (see
-        # relay._fastpath_py.decode_send_or_ack): once READY, a message it
-        # decodes skips the general path, which gives the same event.
-        self._decode_send_or_ack = decode_send_or_ack
+        # relay._fastpath_py.decode_sends_and_acks): once READY, a message it
+        # decodes skips the general path, which gives the same events.
+        self._decode_sends_and_acks = decode_sends_and_acks
         self.state = SessionState.AWAIT_AUTH
         self.malformed = 0
         self.user: str | None = None
@@ -110,10 +111,10 @@ class Session:
 
     def receive_message(self, payload: bytes) -> list[ClientEvent | FrameError]:
         state = self.state
-        if state is SessionState.READY and self._decode_send_or_ack is not None:
-            event = self._decode_send_or_ack(payload)
-            if event is not None:
-                return [event]
+        if state is SessionState.READY and self._decode_sends_and_acks is not None:
+            events = self._decode_sends_and_acks(payload, self.max_frames_per_message)
+            if events is not None:
+                return cast(list[ClientEvent | FrameError], events)
         elif state is SessionState.CLOSED:
             return []
         objs, tail_error = self._unpack(payload)

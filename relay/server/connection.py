@@ -117,7 +117,7 @@ class Connection:
         self.user: str | None = None
         self.device: int | None = None
         self.session = Session(
-            self.settings.max_frames_per_message, self.settings.max_message_bytes, self.fp.decode_send_or_ack
+            self.settings.max_frames_per_message, self.settings.max_message_bytes, self.fp.decode_sends_and_acks
         )
         self.parser = self.fp.FrameParser(self.settings.max_message_bytes, True)
         self.challenge = os.urandom(32)
