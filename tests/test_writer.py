@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 import trio
+import trio.testing
 
 from relay.server.writer import LAZY_DELETE_S, GroupCommitWriter
 from relay.store.base import (
@@ -113,4 +117,78 @@ async def test_receipts_merge_per_sender_devices_in_order(tmp_path):
         ]
         assert [e.tail for e in store.read_inbox("ann", 1, 0, 10)] == [b"r1", b"r2", b"r3"]
         writer.close()
+    store.close()
+
+
+async def test_a_full_queue_pushes_back_in_order_and_close_releases_waiters(tmp_path):
+    """submit_nowait refuses a full queue, submit waits for room and keeps the
+    order it was called in, and close() wakes a waiting submitter with
+    ClosedResourceError after the queued ops are committed."""
+    store = LmdbStore(tmp_path / "s", shards=1, map_size=32 << 20)
+    gate = threading.Event()
+    real_apply = store.apply_batch
+    batches: list[list[bytes]] = []
+
+    def gated(shard: int, ops: list[object]) -> list[object]:
+        gate.wait(10)
+        batches.append([op.msg_id for op in ops if isinstance(op, StoreMessage)])
+        return real_apply(shard, ops)  # type: ignore[arg-type]
+
+    store.apply_batch = gated  # type: ignore[method-assign]
+    writer = GroupCommitWriter(store, 0, queue_size=2)
+    done: list[bytes] = []
+
+    def op(i: int) -> StoreMessage:
+        return StoreMessage("alice", 1, bytes([i]) * 16, "bob", {1: b"x"}, i)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(writer.run)
+        writer.submit_nowait(op(0), lambda r: done.append(b"0"))
+        await trio.testing.wait_all_tasks_blocked()  # the writer holds op 0 in the gated commit
+        writer.submit_nowait(op(1), lambda r: done.append(b"1"))
+        writer.submit_nowait(op(2), lambda r: done.append(b"2"))
+        with pytest.raises(trio.WouldBlock):
+            writer.submit_nowait(op(3))
+
+        async def submit(i: int) -> None:
+            await writer.submit(op(i), lambda r: done.append(bytes([48 + i])))
+
+        nursery.start_soon(submit, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(submit, 4)
+        await trio.testing.wait_all_tasks_blocked()
+        # A waiting submitter keeps its place: no nowait gets ahead of it.
+        assert writer.statistics()["queued"] == 2
+        with pytest.raises(trio.WouldBlock):
+            writer.submit_nowait(op(5))
+        gate.set()
+        with trio.fail_after(10):
+            while len(done) < 5:
+                await trio.sleep(0.01)
+        assert done == [b"0", b"1", b"2", b"3", b"4"]
+        assert [ids[0][0] for ids in batches] == [0, 1, 3]
+
+        # Closing wakes a submitter waiting for room; what was queued commits.
+        gate.clear()
+        writer.submit_nowait(op(6), lambda r: done.append(b"6"))
+        await trio.testing.wait_all_tasks_blocked()
+        writer.submit_nowait(op(7), lambda r: done.append(b"7"))
+        writer.submit_nowait(op(8), lambda r: done.append(b"8"))
+        refused: list[BaseException] = []
+
+        async def refused_submit() -> None:
+            try:
+                await writer.submit(op(9))
+            except trio.ClosedResourceError as exc:
+                refused.append(exc)
+
+        nursery.start_soon(refused_submit)
+        await trio.testing.wait_all_tasks_blocked()
+        writer.close()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(refused) == 1
+        with pytest.raises(trio.ClosedResourceError):
+            writer.submit_nowait(op(10))
+        gate.set()
+    assert done[-3:] == [b"6", b"7", b"8"]
     store.close()

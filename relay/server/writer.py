@@ -10,13 +10,13 @@ load, batches grow by themselves and the cost of a sync is shared.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import outcome
 import trio
 
 from relay.protocol.frames import RECEIPT, RECEIPT_FIELDS
@@ -62,7 +62,19 @@ class GroupCommitWriter:
         self.output_batch = output_batch if output_batch is not None else OutputBatch()
         self.shard = shard
         self.max_batch = max_batch
-        self._send, self._receive = trio.open_memory_channel[tuple[WriteOp, Callback | None] | None](queue_size)
+        self.queue_size = queue_size
+        # Ops from connections, in submit order; a batch takes them all at
+        # once. A deque and an Event instead of a memory channel: a channel
+        # costs a method call and its bookkeeping per op on both ends.
+        self._queue: deque[tuple[WriteOp, Callback | None]] = deque()
+        # The Event the writer waits on while it has nothing to do.
+        self._idle: trio.Event | None = None
+        # submit() callers waiting for room in a full queue, with their ops:
+        # the writer moves those into the queue in call order, then wakes the
+        # task (as trio's memory channels do; a woken task appending its own
+        # op could overtake another, trio runs woken tasks in any order).
+        self._blocked: dict[trio.lowlevel.Task, tuple[WriteOp, Callback | None]] = {}
+        self._closing = False
         # Ops that commit callbacks queue (the next step of an ACK or a
         # fan-out): kept in commit order and taken first, without a task.
         self._followups: deque[tuple[WriteOp, Callback | None]] = deque()
@@ -88,17 +100,56 @@ class GroupCommitWriter:
         op's result or the exception it ended with. It must not block.
         Raises ``trio.ClosedResourceError`` once the relay is shutting down.
         """
-        try:
-            # Skips a scheduler round trip when there is room (the usual case);
-            # FIFO order holds because a full buffer refuses every nowait.
-            self._send.send_nowait((op, on_done))
-        except trio.WouldBlock:
-            await self._send.send((op, on_done))
+        if self._closing:
+            raise trio.ClosedResourceError("the writer is closed")
+        # FIFO: nobody gets ahead of a submitter already waiting for room.
+        if len(self._queue) < self.queue_size and not self._blocked:
+            self._queue.append((op, on_done))
+            self._kick()
+            return
+        task = trio.lowlevel.current_task()
+        self._blocked[task] = (op, on_done)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            # Only called while the op still waits here: it is never queued.
+            del self._blocked[task]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def submit_nowait(self, op: WriteOp, on_done: Callback | None = None) -> None:
         """Queue ``op`` if there is room; raises ``trio.WouldBlock`` when full and
         ``trio.ClosedResourceError`` once the relay is shutting down."""
-        self._send.send_nowait((op, on_done))
+        if self._closing:
+            raise trio.ClosedResourceError("the writer is closed")
+        if len(self._queue) >= self.queue_size or self._blocked:
+            raise trio.WouldBlock
+        self._queue.append((op, on_done))
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.set()
+
+    def _kick(self) -> None:
+        """Wake the writer if it waits for work (a busy one looks anyway)."""
+        idle = self._idle
+        if idle is not None:
+            self._idle = None
+            idle.set()
+
+    def _admit_blocked(self) -> None:
+        blocked, queue = self._blocked, self._queue
+        while blocked and len(queue) < self.queue_size:
+            task = next(iter(blocked))
+            queue.append(blocked.pop(task))
+            trio.lowlevel.reschedule(task)
+
+    async def _wait_for_work(self) -> None:
+        idle = self._idle = trio.Event()
+        try:
+            await idle.wait()
+        finally:
+            self._idle = None
 
     def submit_followup(self, op: WriteOp, on_done: Callback | None = None) -> None:
         """Queue ``op`` from a commit callback: never blocks, keeps call order.
@@ -110,8 +161,7 @@ class GroupCommitWriter:
         if self._closed:
             return
         self._followups.append((op, on_done))
-        with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-            self._send.send_nowait(None)  # wake an idle writer; a busy one looks anyway
+        self._kick()
 
     def submit_delete(self, op: DeleteUpTo, on_done: Callback) -> None:
         """Queue a cumulative inbox delete; merged with any pending one for the
@@ -122,8 +172,7 @@ class GroupCommitWriter:
         pending = self._deletes.get(key)
         if pending is None:
             self._deletes[key] = (op, [on_done])
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self._send.send_nowait(None)  # an idle writer starts its timer
+            self._kick()  # an idle writer starts its timer
             return
         previous, callbacks = pending
         callbacks.append(on_done)
@@ -137,8 +186,7 @@ class GroupCommitWriter:
             return
         releases = self._releases
         if not releases and not self._deletes:
-            with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                self._send.send_nowait(None)  # an idle writer starts its timer
+            self._kick()  # an idle writer starts its timer
         for key, count in counts.items():
             releases[key] = releases.get(key, 0) + count
 
@@ -154,8 +202,7 @@ class GroupCommitWriter:
         pending = self._receipts.get(key)
         if pending is None:
             if not self._receipts:
-                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
-                    self._send.send_nowait(None)  # wake an idle writer
+                self._kick()
             self._receipts[key] = (list(tails), [on_done], [created])
             return
         pending[0].extend(tails)
@@ -208,60 +255,64 @@ class GroupCommitWriter:
 
     def close(self) -> None:
         """No new ops; :meth:`run` commits what is queued and returns."""
-        self._send.close()
+        self._closing = True
+        self._kick()
+        blocked = self._blocked
+        self._blocked = {}
+        for task in blocked:
+            trio.lowlevel.reschedule(task, outcome.Error(trio.ClosedResourceError("the writer is closed")))
 
     _closed = False
 
     def statistics(self) -> dict[str, Any]:
-        return {"shard": self.shard, "batches": self.batches, "ops": self.ops, "queued": self._receive.statistics().current_buffer_used}
+        return {"shard": self.shard, "batches": self.batches, "ops": self.ops, "queued": len(self._queue)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        receive = self._receive
         task_status.started()
         followups = self._followups
-        async with receive:
-            while True:
-                first = None
-                flush_deletes = False
-                if not followups and not self._receipts:
-                    try:
-                        if self._lazy_pending():
-                            with trio.move_on_after(LAZY_DELETE_S) as waited:
-                                first = await receive.receive()
-                            flush_deletes = waited.cancelled_caught
-                        else:
-                            first = await receive.receive()
-                    except trio.EndOfChannel:
-                        self._closed = True
-                        if not followups and not self._receipts and not self._lazy_pending():
-                            return
-                        flush_deletes = True
-                batch: list[tuple[WriteOp, Callback | None]] = [] if first is None else [first]
-                # Follow-ups first: they continue work admitted earlier.
-                if followups:
-                    batch[:0] = [followups.popleft() for _ in range(min(len(followups), self.max_batch))]
-                if self._receipts:
-                    batch.extend(self._take_receipts())
-                while len(batch) < self.max_batch:
-                    try:
-                        item = receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    if item is not None:
-                        batch.append(item)
-                if self._lazy_pending() and (batch or flush_deletes):
-                    batch.extend(self._take_lazy())
-                if not batch:
-                    continue
-                ops = [op for op, _ in batch]
-                # Not cancellable: a commit in progress is finished, never abandoned.
-                results = await trio.to_thread.run_sync(self.store.apply_batch, self.shard, ops)
-                self.batches += 1
-                self.ops += len(ops)
-                with self.output_batch:
-                    for (_, on_done), result in zip(batch, results, strict=True):
-                        if on_done is not None:
-                            try:
-                                on_done(result)
-                            except Exception:  # a bug in one callback must not stop the shard
-                                log.exception("write callback failed")
+        queue = self._queue
+        while True:
+            flush_deletes = False
+            if not queue and not followups and not self._receipts:
+                if self._closing:
+                    self._closed = True
+                    if not self._lazy_pending():
+                        return
+                    flush_deletes = True
+                elif self._lazy_pending():
+                    with trio.move_on_after(LAZY_DELETE_S) as waited:
+                        await self._wait_for_work()
+                    flush_deletes = waited.cancelled_caught
+                else:
+                    await self._wait_for_work()
+            # Follow-ups first: they continue work admitted earlier.
+            batch: list[tuple[WriteOp, Callback | None]] = []
+            if followups:
+                batch = [followups.popleft() for _ in range(min(len(followups), self.max_batch))]
+            if self._receipts:
+                batch.extend(self._take_receipts())
+            room = self.max_batch - len(batch)
+            if queue and room > 0:
+                if len(queue) <= room:
+                    batch.extend(queue)
+                    queue.clear()
+                else:
+                    batch.extend([queue.popleft() for _ in range(room)])
+                if self._blocked:
+                    self._admit_blocked()
+            if self._lazy_pending() and (batch or flush_deletes):
+                batch.extend(self._take_lazy())
+            if not batch:
+                continue
+            ops = [op for op, _ in batch]
+            # Not cancellable: a commit in progress is finished, never abandoned.
+            results = await trio.to_thread.run_sync(self.store.apply_batch, self.shard, ops)
+            self.batches += 1
+            self.ops += len(ops)
+            with self.output_batch:
+                for (_, on_done), result in zip(batch, results, strict=True):
+                    if on_done is not None:
+                        try:
+                            on_done(result)
+                        except Exception:  # a bug in one callback must not stop the shard
+                            log.exception("write callback failed")
