@@ -1,7 +1,7 @@
 """Two users in one process: register alice and bob, send, receive, read receipts.
 
     python -m relay serve --port 8765 --data /tmp/relay-data &
-    python examples/chat.py ws://127.0.0.1:8765/v1
+    python examples/chat.py [ws://127.0.0.1:8765/v1]
 
 Payloads here are plain msgpack text maps; a real app encrypts them first
 (profile relay-v1 of PROTOCOL.md; not in the library yet).
@@ -10,6 +10,7 @@ Payloads here are plain msgpack text maps; a real app encrypts them first
 from __future__ import annotations
 
 import secrets
+import shutil
 import sys
 import tempfile
 import time
@@ -27,6 +28,13 @@ def text(body: str) -> bytes:
 
 async def main(url: str) -> None:
     state = Path(tempfile.mkdtemp(prefix="relay-chat-"))
+    try:
+        await chat(url, state)
+    finally:
+        shutil.rmtree(state, ignore_errors=True)  # the keys of throwaway users
+
+
+async def chat(url: str, state: Path) -> None:
     suffix = secrets.token_hex(3)  # fresh names, so the example can run again
     alice = DeviceIdentity.generate(url, f"alice-{suffix}")
     bob = DeviceIdentity.generate(url, f"bob-{suffix}")
@@ -65,6 +73,6 @@ async def main(url: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python examples/chat.py ws://HOST:PORT/v1")
-    trio.run(main, sys.argv[1])
+    if len(sys.argv) > 2:
+        sys.exit("usage: python examples/chat.py [ws://HOST:PORT/v1]")
+    trio.run(main, sys.argv[1] if len(sys.argv) == 2 else "ws://127.0.0.1:8765/v1")
