@@ -1,7 +1,7 @@
 """Two users in one process: register alice and bob, send, receive, read receipts.
 
     python -m relay serve --port 8765 --data /tmp/relay-data &
-    python examples/chat.py [ws://127.0.0.1:8765/v1]
+    python3 examples/chat.py [ws://127.0.0.1:8765/v1]
 
 Payloads here are plain msgpack text maps; a real app encrypts them first
 (profile relay-v1 of PROTOCOL.md; not in the library yet).
@@ -74,5 +74,5 @@ async def chat(url: str, state: Path) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 2:
-        sys.exit("usage: python examples/chat.py [ws://HOST:PORT/v1]")
+        sys.exit("usage: python3 examples/chat.py [ws://HOST:PORT/v1]")
     trio.run(main, sys.argv[1] if len(sys.argv) == 2 else "ws://127.0.0.1:8765/v1")
