@@ -363,24 +363,31 @@ cdef inline int _str_head_len(Py_ssize_t n) noexcept nogil:
     return 1 if n < 32 else 2 if n <= 0xFF else 3 if n <= 0xFFFF else 5
 
 
-cdef inline unsigned char* _put_str(unsigned char* p, const char* data, Py_ssize_t n) noexcept nogil:
-    if n < 32:
-        p[0] = 0xa0 | <unsigned char>n
-        p += 1
-    elif n <= 0xFF:
-        p[0] = 0xd9
+cdef inline unsigned char* _put_sized(unsigned char* p, unsigned char code8, const char* data, Py_ssize_t n) noexcept nogil:
+    # A str8/bin8 header ``code8`` and the 16 and 32-bit ones after it
+    # (msgpack numbers them consecutively), then the bytes.
+    if n <= 0xFF:
+        p[0] = code8
         p[1] = <unsigned char>n
         p += 2
     elif n <= 0xFFFF:
-        p[0] = 0xda
+        p[0] = code8 + 1
         _put_be(p + 1, <uint64_t>n, 2)
         p += 3
     else:
-        p[0] = 0xdb
+        p[0] = code8 + 2
         _put_be(p + 1, <uint64_t>n, 4)
         p += 5
     memcpy(p, data, n)
     return p + n
+
+
+cdef inline unsigned char* _put_str(unsigned char* p, const char* data, Py_ssize_t n) noexcept nogil:
+    if n < 32:
+        p[0] = 0xa0 | <unsigned char>n
+        memcpy(p + 1, data, n)
+        return p + 1 + n
+    return _put_sized(p, 0xd9, data, n)
 
 
 cdef inline int _bin_head_len(Py_ssize_t n) noexcept nogil:
@@ -388,20 +395,7 @@ cdef inline int _bin_head_len(Py_ssize_t n) noexcept nogil:
 
 
 cdef inline unsigned char* _put_bin(unsigned char* p, const char* data, Py_ssize_t n) noexcept nogil:
-    if n <= 0xFF:
-        p[0] = 0xc4
-        p[1] = <unsigned char>n
-        p += 2
-    elif n <= 0xFFFF:
-        p[0] = 0xc5
-        _put_be(p + 1, <uint64_t>n, 2)
-        p += 3
-    else:
-        p[0] = 0xc6
-        _put_be(p + 1, <uint64_t>n, 4)
-        p += 5
-    memcpy(p, data, n)
-    return p + n
+    return _put_sized(p, 0xc4, data, n)
 
 
 cdef inline bint _small_uint(object value) noexcept:

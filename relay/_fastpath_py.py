@@ -300,15 +300,8 @@ def decode_sends_and_acks(payload: bytes, max_frames: int) -> list[frames.Send |
     head = payload[:2]
     if head != _SEND_HEAD and head != _ACK_HEAD:
         return None
-    objs: list[object] | None
-    try:
-        # One frame per message is the usual case: one call, no Unpacker.
-        objs = [msgpack.unpackb(payload, raw=False, strict_map_key=False)]
-    except msgpack.ExtraData:
-        objs = _frames_of(payload, max_frames)
-    except Exception:  # noqa: BLE001 - the general path reports it
-        return None
-    if objs is None or len(objs) > max_frames:
+    objs, error = frames.unpack_frames(payload, max_frames)
+    if error is not None:
         return None
     events: list[frames.Send | frames.Ack] = []
     for obj in objs:
@@ -319,21 +312,3 @@ def decode_sends_and_acks(payload: bytes, max_frames: int) -> list[frames.Send |
         except FrameError:
             return None
     return events
-
-
-def _frames_of(payload: bytes, max_frames: int) -> list[object] | None:
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(payload))
-    unpacker.feed(payload)
-    objs: list[object] = []
-    # tell() counts the part of an incomplete object read so far too: the end
-    # of the last complete one shows a truncated frame.
-    end = 0
-    try:
-        for obj in unpacker:
-            objs.append(obj)
-            end = unpacker.tell()
-            if len(objs) > max_frames:
-                return None
-    except Exception:  # noqa: BLE001 - the general path reports it
-        return None
-    return objs if end == len(payload) else None

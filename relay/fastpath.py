@@ -8,29 +8,31 @@ start-up. Code that needs a specific one (tests, bench) imports
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
 
-def load(name: str | None = None) -> ModuleType:
-    """Return the fast path module ``name`` ("cython" or "pure"); ``None`` means
-    the default: compiled unless ``RELAY_PURE=1``, falling back to pure only
-    when the extension is not built (which ``relay serve`` reports)."""
+def load_twin(compiled: str, pure: str, name: str | None = None) -> ModuleType:
+    """The module of a compiled/pure pair named ``name`` ("cython" or "pure");
+    ``None`` means the default: compiled unless ``RELAY_PURE=1``, falling back
+    to pure only when the extension is not built (which ``relay serve``
+    reports). ``compiled`` and ``pure`` are the two modules' dotted names."""
     if name == "pure" or (name is None and os.environ.get("RELAY_PURE") == "1"):
-        from relay import _fastpath_py
-
-        return _fastpath_py
+        return importlib.import_module(pure)
     if name not in (None, "cython"):
         raise ValueError(f"unknown fast path {name!r}: expected 'cython' or 'pure'")
     try:
-        from relay import _fastpath
+        return importlib.import_module(compiled)
     except ImportError:
         if name == "cython":
             raise
-        from relay import _fastpath_py
+        return importlib.import_module(pure)
 
-        return _fastpath_py
-    return _fastpath
+
+def load(name: str | None = None) -> ModuleType:
+    """Return the fast path module ``name`` (see :func:`load_twin`)."""
+    return load_twin("relay._fastpath", "relay._fastpath_py", name)
 
 
 _live = load()

@@ -608,8 +608,9 @@ def test_session_answers_every_frame(objs, ready):
 
 
 def _same_unpack(session: Session, data: bytes) -> None:
-    fast_objs, fast_error = session._unpack(data)
-    objs, error = session._unpack_stream(data)
+    limits = (session.max_frames_per_message, session.max_message_size)
+    fast_objs, fast_error = frames.unpack_frames(data, *limits)
+    objs, error = frames.unpack_frames_stream(data, *limits)
     assert fast_objs == objs
     if error is None:
         assert fast_error is None

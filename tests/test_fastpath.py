@@ -1,7 +1,7 @@
 """One suite for both fast path twins: ``relay._fastpath_py`` and ``relay._fastpath``.
 
 Every test taking ``fp`` runs once per implementation. The compiled one must
-be built (``python setup.py build_ext --inplace``): if it is missing its tests
+be built (``python3 -m pip install -e .``): if it is missing its tests
 FAIL, unless ``RELAY_NO_EXT=1`` says the build was skipped on purpose. The
 differential tests at the end check that both give identical results (or the
 same close code and reason) on random input.
@@ -9,7 +9,6 @@ same close code and reason) on random input.
 
 from __future__ import annotations
 
-import os
 import struct
 from types import ModuleType
 
@@ -22,6 +21,7 @@ from relay import _fastpath_py
 from relay.fastpath import load
 from relay.protocol import frames
 from relay.protocol.session import Session
+from tests.twins import load_twin_or_fail
 
 OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
 OP_CLOSE, OP_PING, OP_PONG = 0x8, 0x9, 0xA
@@ -35,17 +35,7 @@ FAST = settings(
 
 
 def _load(name: str) -> ModuleType:
-    if name == "pure":
-        return load("pure")
-    try:
-        return load("cython")
-    except ImportError as exc:
-        if os.environ.get("RELAY_NO_EXT") == "1":
-            pytest.skip("RELAY_NO_EXT=1: the compiled fast path is not built")
-        pytest.fail(
-            "relay._fastpath is not built: run `python setup.py build_ext --inplace` "
-            f"(or set RELAY_NO_EXT=1 to skip it on purpose): {exc}"
-        )
+    return load_twin_or_fail(load, name, "relay._fastpath")
 
 
 @pytest.fixture(params=["pure", "cython"], scope="module")

@@ -9,7 +9,6 @@ both and compares every key and value they leave.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from relay.store.inbox_writer import load
+from tests.twins import load_twin_or_fail
 
 U64 = struct.Struct(">Q")
 
@@ -33,14 +33,7 @@ FAST = settings(
 
 
 def _load(name: str) -> ModuleType:
-    if name == "pure":
-        return load("pure")
-    try:
-        return load("cython")
-    except ImportError as exc:
-        if os.environ.get("RELAY_NO_EXT") == "1":
-            pytest.skip("RELAY_NO_EXT=1: the compiled inbox writer is not built")
-        pytest.fail(f"relay.store._inbox is not built: run `python setup.py build_ext --inplace`: {exc}")
+    return load_twin_or_fail(load, name, "relay.store._inbox")
 
 
 @pytest.fixture(params=["pure", "cython"], scope="module")

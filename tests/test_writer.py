@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TypeVar
 
 import pytest
 import trio
@@ -19,6 +20,21 @@ from relay.store.base import (
     StoreMessage,
 )
 from relay.store.lmdb_store import LmdbStore
+
+T = TypeVar("T")
+
+
+def _spy_ops(store: LmdbStore, kind: type[T]) -> list[T]:
+    """The ops of type ``kind`` the store commits from now on, in order."""
+    seen: list[T] = []
+    real_apply = store.apply_batch
+
+    def spy(shard: int, ops: list[object]) -> list[object]:
+        seen.extend(op for op in ops if isinstance(op, kind))
+        return real_apply(shard, ops)  # type: ignore[arg-type]
+
+    store.apply_batch = spy  # type: ignore[method-assign]
+    return seen
 
 
 async def test_deletes_merge_per_device_and_ride_along(tmp_path):
@@ -52,14 +68,7 @@ async def test_body_releases_sum_per_body_into_one_op(tmp_path):
     """Released group-body references are summed per body and committed as one
     ReleaseBodies, with the next batch or on their own after the delay."""
     store = LmdbStore(tmp_path / "s", shards=1, map_size=32 << 20)
-    applied: list[object] = []
-    real_apply = store.apply_batch
-
-    def spy(shard: int, ops: list[object]) -> list[object]:
-        applied.extend(op for op in ops if isinstance(op, ReleaseBodies))
-        return real_apply(shard, ops)  # type: ignore[arg-type]
-
-    store.apply_batch = spy  # type: ignore[method-assign]
+    applied = _spy_ops(store, ReleaseBodies)
     writer = GroupCommitWriter(store, 0)
     async with trio.open_nursery() as nursery:
         await nursery.start(writer.run)
@@ -85,14 +94,7 @@ async def test_receipts_merge_per_sender_devices_in_order(tmp_path):
     tails in ACK order; each ACK's callback runs once, after the commit, and
     the stored entries are delivered once."""
     store = LmdbStore(tmp_path / "s", shards=1, map_size=32 << 20)
-    appends: list[AppendEntries] = []
-    real_apply = store.apply_batch
-
-    def spy(shard: int, ops: list[object]) -> list[object]:
-        appends.extend(op for op in ops if isinstance(op, AppendEntries))
-        return real_apply(shard, ops)  # type: ignore[arg-type]
-
-    store.apply_batch = spy  # type: ignore[method-assign]
+    appends = _spy_ops(store, AppendEntries)
     delivered: list[tuple[str, tuple[tuple[int, InboxEntry], ...]]] = []
     writer = GroupCommitWriter(store, 0, deliver=lambda user, entries: delivered.append((user, entries)))
     async with trio.open_nursery() as nursery:

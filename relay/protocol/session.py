@@ -15,12 +15,9 @@ import enum
 from collections.abc import Callable
 from typing import cast
 
-import msgpack
-
 from relay.errors import (
     BAD_REQUEST,
     CLOSE_POLICY,
-    TOO_LARGE,
     UNAUTHORIZED,
     FrameError,
 )
@@ -72,43 +69,6 @@ class Session:
     def close(self) -> None:
         self.state = SessionState.CLOSED
 
-    def _unpack(self, payload: bytes) -> tuple[list[object], FrameError | None]:
-        # Most clients send one frame per WebSocket message: one unpackb call
-        # is several times cheaper than building an Unpacker. Anything else
-        # (several frames, garbage, a truncated frame) takes the general path,
-        # which also finds the frames before an error.
-        try:
-            return [msgpack.unpackb(payload, raw=False, strict_map_key=False)], None
-        except Exception:  # noqa: BLE001 - the general path below reports it
-            return self._unpack_stream(payload)
-
-    def _unpack_stream(self, payload: bytes) -> tuple[list[object], FrameError | None]:
-        unpacker = msgpack.Unpacker(
-            raw=False,
-            strict_map_key=False,
-            max_buffer_size=max(self.max_message_size, len(payload)),
-        )
-        unpacker.feed(payload)
-        objs: list[object] = []
-        # tell() counts the header of an object still incomplete too, so the
-        # end of the last *complete* object is what shows a truncated frame.
-        end = 0
-        try:
-            for obj in unpacker:
-                objs.append(obj)
-                end = unpacker.tell()
-                if len(objs) > self.max_frames_per_message:
-                    return [], FrameError(
-                        TOO_LARGE, f"more than {self.max_frames_per_message} frames in one message"
-                    )
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-            return objs, FrameError(BAD_REQUEST, f"undecodable msgpack: {type(exc).__name__}", malformed=True)
-        except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types on garbage
-            return objs, FrameError(BAD_REQUEST, f"undecodable msgpack: {type(exc).__name__}", malformed=True)
-        if end != len(payload):
-            return objs, FrameError(BAD_REQUEST, "truncated msgpack frame", malformed=True)
-        return objs, None
-
     def receive_message(self, payload: bytes) -> list[ClientEvent | FrameError]:
         state = self.state
         if state is SessionState.READY and self._decode_sends_and_acks is not None:
@@ -117,7 +77,7 @@ class Session:
                 return cast(list[ClientEvent | FrameError], events)
         elif state is SessionState.CLOSED:
             return []
-        objs, tail_error = self._unpack(payload)
+        objs, tail_error = frames.unpack_frames(payload, self.max_frames_per_message, self.max_message_size)
         out: list[ClientEvent | FrameError] = []
         for obj in objs:
             item = self._one(obj)

@@ -29,6 +29,16 @@ _ENTRY_HEAD = struct.Struct(">BBQ")
 _MAX_U64 = (1 << 64) - 1
 
 
+def _entry_head(type_: int, count: int, created: int) -> bytes:
+    """The head of an entry value, its fields checked in the order the
+    compiled twin converts them."""
+    if not 0 <= created <= _MAX_U64:
+        raise OverflowError("created must fit in 64 unsigned bits")
+    if not 0 <= type_ <= 0xFF or not 0 <= count <= 0xFF:
+        raise ValueError("type and count are single bytes")
+    return _ENTRY_HEAD.pack(type_, count, created)
+
+
 class InboxWriter:
     """Appends to and deletes from device inboxes in the write transaction ``txn``.
 
@@ -57,11 +67,7 @@ class InboxWriter:
         # Checked in the order the compiled twin converts its arguments.
         if type(prefix) is not bytes or type(tail) is not bytes:
             raise TypeError("prefix and tail must be bytes")
-        if not 0 <= created <= _MAX_U64:
-            raise OverflowError("created must fit in 64 unsigned bits")
-        if not 0 <= type_ <= 0xFF or not 0 <= count <= 0xFF:
-            raise ValueError("type and count are single bytes")
-        value = _ENTRY_HEAD.pack(type_, count, created) + tail
+        value = _entry_head(type_, count, created) + tail
         counters = self._get(prefix)
         seq = counters[0]
         self._txn.put(prefix + _U64.pack(seq), value, db=self._inbox)
@@ -75,13 +81,9 @@ class InboxWriter:
         an argument is bad."""
         if type(prefix) is not bytes or type(tails) is not list:
             raise TypeError("prefix must be bytes, tails a list")
-        if not 0 <= created <= _MAX_U64:
-            raise OverflowError("created must fit in 64 unsigned bits")
-        if not 0 <= type_ <= 0xFF or not 0 <= count <= 0xFF:
-            raise ValueError("type and count are single bytes")
+        head = _entry_head(type_, count, created)
         if any(type(tail) is not bytes for tail in tails):
             raise TypeError("prefix and tails must be bytes")
-        head = _ENTRY_HEAD.pack(type_, count, created)
         values = [head + tail for tail in tails]
         counters = self._get(prefix)
         first = counters[0]

@@ -1,15 +1,17 @@
 """The inbox writer in use: compiled ``_inbox`` or its pure twin ``_inbox_py``.
 
-Chosen like :mod:`relay.fastpath`: ``"cython"``, ``"pure"``, or ``None`` for
-compiled unless ``RELAY_PURE=1`` (falling back to pure when the extension is
-not built). :class:`InboxWriter` is the interface both twins implement.
+Chosen like :mod:`relay.fastpath` (:func:`relay.fastpath.load_twin`):
+``"cython"``, ``"pure"``, or ``None`` for compiled unless ``RELAY_PURE=1``
+(falling back to pure when the extension is not built). :class:`InboxWriter`
+is the interface both twins implement.
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any, Protocol
+
+from relay.fastpath import load_twin
 
 
 class InboxWriter(Protocol):
@@ -23,18 +25,4 @@ class InboxWriter(Protocol):
 
 def load(name: str | None = None) -> ModuleType:
     """The twin named ``name`` ("cython" or "pure"); ``None``: the default."""
-    if name == "pure" or (name is None and os.environ.get("RELAY_PURE") == "1"):
-        from relay.store import _inbox_py
-
-        return _inbox_py
-    if name not in (None, "cython"):
-        raise ValueError(f"unknown fast path {name!r}: expected 'cython' or 'pure'")
-    try:
-        from relay.store import _inbox  # type: ignore[attr-defined]
-    except ImportError:
-        if name == "cython":
-            raise
-        from relay.store import _inbox_py
-
-        return _inbox_py
-    return _inbox
+    return load_twin("relay.store._inbox", "relay.store._inbox_py", name)
