@@ -38,8 +38,6 @@ from relay.store.lmdb_store import LmdbStore
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 3.0
-# Users whose shard writer is remembered (cleared when full: a cheap bound).
-WRITER_CACHE_USERS = 1 << 16
 
 
 class RelayServer:
@@ -84,20 +82,13 @@ class RelayServer:
         self._nursery: trio.Nursery | None = None
         self._accept_scope = trio.CancelScope()
         self._shutdown_event = trio.Event()
-        self._writer_of: dict[str, GroupCommitWriter] = {}
 
     @property
     def url(self) -> str:
         return f"ws://{self.settings.host}:{self.port}/v1"
 
     def writer_for(self, user: str) -> GroupCommitWriter:
-        # A dict hit per SEND instead of two calls and an lru_cache lookup.
-        writer = self._writer_of.get(user)
-        if writer is None:
-            if len(self._writer_of) >= WRITER_CACHE_USERS:
-                self._writer_of.clear()
-            writer = self._writer_of[user] = self.writers[self.store.shard_of(user)]
-        return writer
+        return self.writers[self.store.shard_of(user)]
 
     def writer_for_group_body(self, body_key: bytes) -> GroupCommitWriter:
         return self.writer_for(group_of_body(body_key))

@@ -554,15 +554,12 @@ class Connection:
     def _send_op(self, event: frames.Send) -> tuple[StoreMessage, Callable[[object], None]]:
         assert self.user is not None and self.device is not None
         op = StoreMessage(self.user, self.device, event.msg_id, event.to, event.payloads, now_ms())
-        encode_sent = frames.encode_sent
         to = event.to
 
         def committed(result: object) -> None:
             self._send_finished()
             if isinstance(result, Stored):
-                if not self.dead:  # queue_sent, inlined: one per message
-                    self._replies.append(encode_sent(event.msg_id, result.ts))
-                    self._kick()
+                self.queue_sent(event.msg_id, result.ts)
                 if not result.duplicate:
                     self.server.router.deliver(to, result.entries)
             elif isinstance(result, FrameError):

@@ -125,10 +125,7 @@ class GroupCommitWriter:
         if len(self._queue) >= self.queue_size or self._blocked:
             raise trio.WouldBlock
         self._queue.append((op, on_done))
-        idle = self._idle
-        if idle is not None:
-            self._idle = None
-            idle.set()
+        self._kick()
 
     def _kick(self) -> None:
         """Wake the writer if it waits for work (a busy one looks anyway)."""
