@@ -32,13 +32,12 @@ from relay.errors import (
     CONFLICT,
     INTERNAL,
     NOT_FOUND,
-    UNAVAILABLE,
     FrameError,
-    StoreFullError,
 )
 from relay.protocol import frames
 from relay.protocol.groups import GroupInfo, check_users, new_group
 from relay.server.clock import now_ms
+from relay.server.requests import raise_for_result
 from relay.store.base import (
     ChangeGroup,
     CompleteGroupMessage,
@@ -59,15 +58,6 @@ GROUP_OPS = ("group.add", "group.remove", "group.leave", "group.info", "group.re
 
 def new_group_id() -> str:
     return "g." + base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
-
-
-def _raise_store(result: object) -> None:
-    if isinstance(result, FrameError):
-        raise result
-    if isinstance(result, StoreFullError):
-        raise FrameError(UNAVAILABLE, "store full")
-    if isinstance(result, BaseException):
-        raise FrameError(INTERNAL, f"store error: {result}")
 
 
 class Groups:
@@ -96,7 +86,7 @@ class Groups:
             result = await self.server.writer_for(info.group).call(CreateGroup(info, now_ms()))
             if isinstance(result, FrameError) and result.code == CONFLICT:
                 continue  # 128-bit ids collide only in theory; draw again
-            _raise_store(result)
+            raise_for_result(result)
             await self._notify(info, conn.user, info.members)
             return info.as_result()
         raise FrameError(INTERNAL, "could not allocate a group id")
@@ -112,7 +102,7 @@ class Groups:
         result = await self.server.writer_for(group).call(
             ChangeGroup(group, conn.user, op, args, self.server.settings.max_group_members)
         )
-        _raise_store(result)
+        raise_for_result(result)
         assert isinstance(result, tuple)
         info, notify = result
         if notify:
@@ -146,7 +136,7 @@ class Groups:
         try:
             if isinstance(result, FrameError):
                 result.ref = event.msg_id
-            _raise_store(result)
+            raise_for_result(result)
         except FrameError as error:
             error.ref = event.msg_id
             conn.queue_error(error)
@@ -197,7 +187,7 @@ class Groups:
 
         def completed(result: object) -> None:
             try:
-                _raise_store(result)
+                raise_for_result(result)
             except FrameError as error:
                 end(error)
                 return
@@ -222,7 +212,7 @@ class Groups:
                 # Step 3 not reached: the sender gets the error and its retry
                 # completes the fan-out (the shards done are skipped).
                 try:
-                    _raise_store(failure[0])
+                    raise_for_result(failure[0])
                 except FrameError as error:
                     end(error)
                 return

@@ -3,6 +3,8 @@
 Each op is a method ``op_<name with . as _>`` taking the caller's connection
 and the args map and returning the result; a :class:`FrameError` becomes
 ``RES ok=false {code, reason}``. Unknown ops are 400, like a malformed REQ.
+Ops that write pass the writer's result through :func:`raise_for_result`,
+the one place where store failures become wire codes.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from relay.errors import BAD_REQUEST, NOT_FOUND, FrameError
+from relay.errors import BAD_REQUEST, INTERNAL, NOT_FOUND, UNAVAILABLE, FrameError, StoreFullError
 from relay.protocol import frames
 
 if TYPE_CHECKING:
@@ -20,7 +22,19 @@ if TYPE_CHECKING:
 Op = Callable[["Connection", dict[Any, Any]], Awaitable[object]]
 
 
-def _user_arg(args: dict[Any, Any], name: str = "user") -> str:
+def raise_for_result(result: object) -> None:
+    """Raise the :class:`FrameError` to answer for a failed write op's result:
+    the store's own FrameError (the peer's fault) as is, a full store 503,
+    anything else 500. Returns when ``result`` is not an exception."""
+    if isinstance(result, FrameError):
+        raise result
+    if isinstance(result, StoreFullError):
+        raise FrameError(UNAVAILABLE, "store full")
+    if isinstance(result, BaseException):
+        raise FrameError(INTERNAL, f"store error: {result}")
+
+
+def user_arg(args: dict[Any, Any], name: str = "user") -> str:
     value = args.get(name)
     if not frames.is_user(value):
         raise FrameError(BAD_REQUEST, f"{name} must be a user name")
@@ -45,7 +59,7 @@ class RequestHandler:
         return await handler(conn, args)
 
     async def devices_list(self, conn: Connection, args: dict[Any, Any]) -> object:
-        user = _user_arg(args)
+        user = user_arg(args)
         record = self.server.store.get_user(user)
         if record is None:
             raise FrameError(NOT_FOUND, f"no such user {user}")
