@@ -245,6 +245,78 @@ class ReleaseBodies:
     counts: dict[bytes, int]
 
 
+# --- the key directory (keys.publish / keys.fetch) ---------------------------
+# Prekeys live in the owning user's shard. The server checks the shape of
+# the request and the signed prekey's signature (it holds the verifier);
+# the store checks everything that depends on what is stored.
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPrekey:
+    id: int
+    key: bytes
+    sig: bytes
+
+
+@dataclass(slots=True)
+class PublishKeys:
+    """keys.publish by (user, device): store ``signed_prekey`` (replacing the
+    stored one; None keeps it) and add the one-time ``prekeys`` (id, key).
+
+    Result: the number of one-time prekeys stored for the device afterwards.
+    Raises ``FrameError(409)`` when no signed prekey is stored and none is
+    given, when the signed prekey's id is stored with another key, or when a
+    one-time prekey id is repeated in ``prekeys`` or already stored;
+    ``FrameError(413)`` when more than ``max_stored`` would be stored;
+    ``FrameError(404)`` for an unknown device. Nothing is stored on error.
+    """
+
+    user: str
+    device: int
+    signed_prekey: SignedPrekey | None
+    prekeys: list[tuple[int, bytes]]
+    max_stored: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bundle:
+    """One device's keys as keys.fetch hands them out: ``prekey`` is the
+    one-time prekey (id, key) removed from the store for this answer, or None."""
+
+    device: int
+    identity_key: bytes
+    signed_prekey: SignedPrekey
+    prekey: tuple[int, bytes] | None
+
+
+@dataclass(slots=True)
+class FetchBundles:
+    """keys.fetch of ``user`` by ``requester``: a :class:`Bundle` for each
+    device of ``user`` that has a signed prekey (only those in ``devices``
+    when given; never the requesting device itself), each taking the
+    device's lowest one-time prekey out of the store.
+
+    A device whose count drops from ``low_threshold`` or more to below it
+    gets EVENT ``keys.low {count}`` in its inbox, in the same transaction.
+    Result :class:`Bundles`. Raises ``FrameError(404)`` for an unknown user.
+    """
+
+    user: str
+    requester: str
+    requester_device: int
+    devices: tuple[int, ...] | None
+    low_threshold: int
+    created: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bundles:
+    """``entries``: the keys.low events appended, (device, entry), for the router."""
+
+    bundles: tuple[Bundle, ...]
+    entries: tuple[tuple[int, InboxEntry], ...] = ()
+
+
 WriteOp = (
     RegisterUser
     | StoreMessage
@@ -258,6 +330,8 @@ WriteOp = (
     | CompleteGroupMessage
     | DropFanOutMarker
     | ReleaseBodies
+    | PublishKeys
+    | FetchBundles
 )
 
 
@@ -275,6 +349,8 @@ class Store(Protocol):
     def pending(self, user: str, device: int) -> int: ...
 
     def get_group(self, group: str) -> GroupInfo | None: ...
+
+    def prekey_count(self, user: str, device: int) -> int: ...
 
     def apply_batch(self, shard: int, ops: list[WriteOp]) -> list[object]: ...
 

@@ -10,6 +10,14 @@ Layout of one shard (named databases):
 ``groups`` group -> msgpack ``[name, version, members, admins, created]``
 ``bodies`` body_key -> refs(8, signed) created(8) complete(1) tail   (group's shard)
 ``fanout`` body_key -> refs(8) created(8)   (member shards: this shard's fan-out is done)
+``prekeys`` user NUL device(1) 0x00 -> spk_id(4) count(4) spk_key(32) spk_sig(64)
+            user NUL device(1) 0x01 opk_id(4, big-endian) -> opk_key(32)
+
+The first ``prekeys`` key of a device holds its signed prekey and how many
+one-time prekeys it has (keys.count is one read); the one-time prekeys follow
+in id order, so the lowest id, the one keys.fetch hands out next, is the
+first key after ``user NUL device 0x01``. Prekeys live in the owner's shard
+and never expire: they are deleted only by being handed out.
 
 A group message is stored once, as a body in the group's shard; member
 inboxes hold ENTRY_MSG_REF entries whose tail is the body key (see
@@ -45,19 +53,23 @@ from relay.errors import (
     CONFLICT,
     FORBIDDEN,
     NOT_FOUND,
+    TOO_LARGE,
     ConfigError,
     FrameError,
     StoreError,
     StoreFullError,
 )
-from relay.protocol.frames import MSG_FIELDS
+from relay.protocol.frames import EVENT_FIELDS, MSG_FIELDS, event_tail
 from relay.protocol.groups import GroupInfo, apply_change
 from relay.store import inbox_writer
 from relay.store.base import (
+    ENTRY_EVENT,
     ENTRY_MSG,
     ENTRY_MSG_REF,
     Appended,
     AppendEntries,
+    Bundle,
+    Bundles,
     ChangeGroup,
     CompleteGroupMessage,
     CreateGroup,
@@ -66,11 +78,14 @@ from relay.store.base import (
     ExpireEntries,
     FannedOut,
     FanOut,
+    FetchBundles,
     GroupPrepared,
     InboxEntry,
     PrepareGroupMessage,
+    PublishKeys,
     RegisterUser,
     ReleaseBodies,
+    SignedPrekey,
     Stored,
     StoreMessage,
     UserRecord,
@@ -87,6 +102,11 @@ _META = struct.Struct(">QQ")
 _ENTRY_HEAD = struct.Struct(">BBQ")
 _BODY_HEAD = struct.Struct(">qQB")
 _FANOUT = struct.Struct(">QQ")
+_U32 = struct.Struct(">I")
+# prekeys: the signed prekey's id and the one-time prekey count, then its key and signature.
+_PREKEY_HEAD = struct.Struct(">II")
+_SPK_HEAD = b"\x00"
+_OPK = b"\x01"
 LAYOUT_VERSION = 1
 
 
@@ -125,6 +145,21 @@ def inbox_key(user: str, device: int, seq: int) -> bytes:
     return device_prefix(user, device) + _U64.pack(seq)
 
 
+def _prekey_head_key(user: str, device: int) -> bytes:
+    return device_prefix(user, device) + _SPK_HEAD
+
+
+def _decode_prekey_head(raw: bytes | memoryview) -> tuple[SignedPrekey, int]:
+    """(signed prekey, one-time prekey count) from a device's first ``prekeys`` value."""
+    spk_id, count = _PREKEY_HEAD.unpack_from(raw)
+    head = _PREKEY_HEAD.size
+    return SignedPrekey(spk_id, bytes(raw[head : head + 32]), bytes(raw[head + 32 : head + 96])), count
+
+
+def _encode_prekey_head(spk: SignedPrekey, count: int) -> bytes:
+    return _PREKEY_HEAD.pack(spk.id, count) + spk.key + spk.sig
+
+
 def _sent_group_key(body_key: bytes) -> bytes:
     """``idem`` key of a group message: user names never start with NUL, so it
     never meets a SEND's ``to_user NUL ...`` key."""
@@ -151,7 +186,7 @@ class _Shard:
         self.env = lmdb.open(
             str(path),
             map_size=map_size,
-            max_dbs=8,
+            max_dbs=16,
             sync=sync,
             metasync=sync,
             # Readers live on the event-loop thread; writers in worker threads.
@@ -165,6 +200,7 @@ class _Shard:
         self.groups = self.env.open_db(b"groups")
         self.bodies = self.env.open_db(b"bodies")
         self.fanout = self.env.open_db(b"fanout")
+        self.prekeys = self.env.open_db(b"prekeys")
         # user -> devices, filled from committed transactions only. Device sets
         # never change after registration yet; device.link must update it.
         self.devices: dict[str, dict[int, bytes]] = {}
@@ -304,6 +340,20 @@ class LmdbStore:
         refs, _created, complete = _BODY_HEAD.unpack_from(raw)
         return refs, bool(complete)
 
+    def prekey_count(self, user: str, device: int) -> int:
+        """One-time prekeys stored for (user, device): keys.count."""
+        shard = self._shard(user)
+        with shard.env.begin(db=shard.prekeys) as txn:
+            raw = txn.get(_prekey_head_key(user, device))
+        return 0 if raw is None else _PREKEY_HEAD.unpack_from(raw)[1]
+
+    def signed_prekey(self, user: str, device: int) -> SignedPrekey | None:
+        """The signed prekey stored for (user, device), or None; for tests and operators."""
+        shard = self._shard(user)
+        with shard.env.begin(db=shard.prekeys) as txn:
+            raw = txn.get(_prekey_head_key(user, device))
+        return None if raw is None else _decode_prekey_head(raw)[0]
+
     def pending(self, user: str, device: int) -> int:
         shard = self._shard(user)
         with shard.env.begin(db=shard.meta) as txn:
@@ -325,6 +375,7 @@ class LmdbStore:
                         ("groups", shard.groups),
                         ("bodies", shard.bodies),
                         ("fanout", shard.fanout),
+                        ("prekeys", shard.prekeys),
                     )
                 }
         return out
@@ -586,6 +637,77 @@ class _WriteTxn:
                 self.txn.put(key, _BODY_HEAD.pack(refs, created, complete) + raw[_BODY_HEAD.size :], db=self.shard.bodies)
         return deleted
 
+    # --- the key directory ----------------------------------------------------
+
+    def publish_keys(self, op: PublishKeys) -> int:
+        devices = self._devices(op.user)
+        if devices is None or op.device not in devices:
+            raise FrameError(NOT_FOUND, f"no such device {op.user}/{op.device}")
+        txn, db = self.txn, self.shard.prekeys
+        head_key = _prekey_head_key(op.user, op.device)
+        raw = txn.get(head_key, db=db)
+        stored, count = (None, 0) if raw is None else _decode_prekey_head(raw)
+        spk = op.signed_prekey
+        if spk is None:
+            if stored is None:
+                raise FrameError(CONFLICT, "no signed prekey stored for this device: publish signed_prekey with the prekeys")
+            spk = stored
+        elif stored is not None and spk.id == stored.id and spk.key != stored.key:
+            raise FrameError(CONFLICT, f"signed prekey id {spk.id} is already stored with another key")
+        seen: set[int] = set()
+        repeated: set[int] = set()
+        for prekey_id, _ in op.prekeys:
+            (repeated if prekey_id in seen else seen).add(prekey_id)
+        if repeated:
+            raise FrameError(CONFLICT, f"prekey ids repeated in the request: {_id_list(sorted(repeated))}")
+        prefix = device_prefix(op.user, op.device) + _OPK
+        taken = sorted(i for i in seen if txn.get(prefix + _U32.pack(i), db=db) is not None)
+        if taken:
+            raise FrameError(CONFLICT, f"prekey ids already stored: {_id_list(taken)}")
+        total = count + len(op.prekeys)
+        if total > op.max_stored:
+            raise FrameError(
+                TOO_LARGE, f"{count} prekeys stored + {len(op.prekeys)} would exceed {op.max_stored} per device"
+            )
+        for prekey_id, key in op.prekeys:
+            txn.put(prefix + _U32.pack(prekey_id), key, db=db)
+        txn.put(head_key, _encode_prekey_head(spk, total), db=db)
+        return total
+
+    def fetch_bundles(self, op: FetchBundles) -> Bundles:
+        devices = self._devices(op.user)
+        if devices is None:
+            raise FrameError(NOT_FOUND, f"no such user {op.user}")
+        wanted = sorted(devices if op.devices is None else set(op.devices) & devices.keys())
+        txn, db = self.txn, self.shard.prekeys
+        cursor = txn.cursor(db=db)
+        bundles: list[Bundle] = []
+        events: list[tuple[int, InboxEntry]] = []
+        for device in wanted:
+            if op.user == op.requester and device == op.requester_device:
+                continue  # no session with oneself: keep its prekeys for the others
+            head_key = _prekey_head_key(op.user, device)
+            raw = txn.get(head_key, db=db)
+            if raw is None:
+                continue  # never published: nothing to start a session with
+            spk, count = _decode_prekey_head(raw)
+            prekey = None
+            prefix = device_prefix(op.user, device) + _OPK
+            if cursor.set_range(prefix) and cursor.key()[: len(prefix)] == prefix:
+                prekey = (_U32.unpack_from(cursor.key(), len(prefix))[0], bytes(cursor.value()))
+                cursor.delete()
+                before, count = count, max(count - 1, 0)
+                txn.put(head_key, _encode_prekey_head(spk, count), db=db)
+                if count < op.low_threshold <= before:
+                    events.append((device, self._append_event(op.user, device, "keys.low", {"count": count}, op.created)))
+            bundles.append(Bundle(device, devices[device], spk, prekey))
+        return Bundles(tuple(bundles), tuple(events))
+
+    def _append_event(self, user: str, device: int, kind: str, body: dict[str, Any], created: int) -> InboxEntry:
+        tail = event_tail(kind, body, created)
+        seq = self.inbox.append(device_prefix(user, device), ENTRY_EVENT, EVENT_FIELDS, created, tail)
+        return InboxEntry(seq, ENTRY_EVENT, EVENT_FIELDS, created, tail)
+
     def expire(self, op: ExpireEntries) -> tuple[bytes | None, int]:
         """Sweep up to ``op.limit`` inbox keys, then the idempotency records."""
         txn = self.txn
@@ -648,4 +770,13 @@ _HANDLERS: dict[type, Callable[[_WriteTxn, Any], object]] = {
     ChangeGroup: _WriteTxn.change_group,
     CreateGroup: _WriteTxn.create_group,
     ExpireEntries: _WriteTxn.expire,
+    PublishKeys: _WriteTxn.publish_keys,
+    FetchBundles: _WriteTxn.fetch_bundles,
 }
+
+
+def _id_list(ids: list[int], shown: int = 10) -> str:
+    """``[1, 2, 3]``, or the first ``shown`` and how many more (reasons stay short)."""
+    if len(ids) <= shown:
+        return str(ids)
+    return f"{ids[:shown]} and {len(ids) - shown} more"
