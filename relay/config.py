@@ -45,6 +45,16 @@ class Settings:
     signals_per_s: float = 20.0
     signals_burst: int = 50
     max_unacked_sends: int = 1024
+    # keys.fetch per (requester user, target user): a burst, then one per
+    # 3 s; past it 429. Each fetch hands out one-time prekeys, so this is
+    # what stops a client from draining someone's supply.
+    keys_fetch_burst: int = 20
+    keys_fetch_per_s: float = 1 / 3
+    # EVENT keys.low when a device's one-time prekeys drop below this (0: never).
+    keys_low_threshold: int = 10
+    # keys.publish: one-time prekeys per request, and stored per device (413 past them).
+    max_prekeys_per_publish: int = 200
+    max_prekeys_per_device: int = 1000
     retention_s: float = 30 * 24 * 3600.0
     sweep_interval_s: float = 3600.0
     commit_batch_max: int = 4096
@@ -79,6 +89,12 @@ class Settings:
             raise ConfigError("fastpath must be 'cython' or 'pure'")
         if self.requests_per_s <= 0 or self.signals_per_s <= 0 or self.requests_burst < 1 or self.signals_burst < 1:
             raise ConfigError("rate limits must be positive (burst at least 1)")
+        if self.keys_fetch_per_s <= 0 or self.keys_fetch_burst < 1:
+            raise ConfigError("keys_fetch_per_s must be positive and keys_fetch_burst at least 1")
+        if self.keys_low_threshold < 0:
+            raise ConfigError("keys_low_threshold must be 0 (never) or positive")
+        if not 1 <= self.max_prekeys_per_publish <= self.max_prekeys_per_device:
+            raise ConfigError("max_prekeys_per_publish must be between 1 and max_prekeys_per_device")
         if self.park_after_s < 0:
             raise ConfigError("park_after_s must be 0 (never park) or positive")
         for name in ("idle_timeout_s", "handshake_timeout_s", "retention_s", "sweep_interval_s"):

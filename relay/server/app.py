@@ -27,6 +27,7 @@ from relay.server.clock import now_ms
 from relay.server.connection import Connection, encode_close
 from relay.server.flush import OutputBatch
 from relay.server.groups import Groups
+from relay.server.keys import Keys
 from relay.server.memory import HeapTrimmer, load_malloc_trim
 from relay.server.parking import ParkingLot
 from relay.server.requests import RequestHandler
@@ -71,6 +72,7 @@ class RelayServer:
         ]
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
+        self.keys = Keys(self)
         self.heap = HeapTrimmer(load_malloc_trim())
         self.parking = ParkingLot(self)
         self.connections: set[Connection] = set()

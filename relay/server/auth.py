@@ -1,10 +1,12 @@
 """Who is on the other end: AUTH and REGISTER checks.
 
 The only place the server touches PyNaCl, and only to verify Ed25519
-signatures over ``b"relay-auth-v1" + server_name + challenge`` (the
-challenge is the connection's, sent in HELLO). Each function returns the
-authenticated (user, device) or raises :class:`FrameError` carrying the ERROR
-and the close code 1008 that PROTOCOL.md asks for.
+signatures: over ``b"relay-auth-v1" + server_name + challenge`` (the
+challenge is the connection's, sent in HELLO) for AUTH and REGISTER, and a
+signed prekey's over its 32 raw bytes for keys.publish
+(:func:`verify_signed_prekey`). :func:`check_auth` and :func:`register`
+return the authenticated (user, device) or raise :class:`FrameError`
+carrying the ERROR and the close code 1008 that PROTOCOL.md asks for.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ def verify(key: bytes, message: bytes, sig: bytes) -> bool:
     except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError, ValueError):
         return False
     return True
+
+
+def verify_signed_prekey(identity_key: bytes, prekey: bytes, sig: bytes) -> bool:
+    """Whether ``sig`` is the device's Ed25519 signature over the signed
+    prekey's 32 raw bytes (the e2e profile's "Identity and prekeys")."""
+    return verify(identity_key, prekey, sig)
 
 
 def check_auth(server: RelayServer, challenge: bytes, event: frames.Auth) -> tuple[str, int]:
