@@ -83,7 +83,7 @@ async def test_publish_fetch_count_round_trip(relay):
         assert await ok(a, 7, "keys.publish", {"prekeys": prekeys([40])}) == {"count": 3}
         assert await ok(a, 8, "keys.publish", {"signed_prekey": spk}) == {"count": 3}, "same id, same key: fine"
         spk2 = signed_prekey(ann, 8)
-        assert await ok(a, 9, "keys.publish", {"signed_prekey": spk2, "prekeys": []}) == {"count": 3}
+        assert await ok(a, 9, "keys.publish", {"signed_prekey": spk2, "prekeys": None}) == {"count": 3}
         got = await ok(b, 10, "keys.fetch", {"user": "ann", "devices": [1, 9]})
         assert [d["signed_prekey"] for d in got["devices"]] == [spk2]
         assert got["devices"][0]["prekey"]["id"] == 20

@@ -125,7 +125,8 @@ class Keys:
         settings = self.server.settings
         raw_spk = args.get("signed_prekey")
         spk = None if raw_spk is None else parse_signed_prekey(raw_spk)
-        prekeys = parse_prekeys(args.get("prekeys", []), settings.max_prekeys_per_publish)
+        raw_prekeys = args.get("prekeys")
+        prekeys = [] if raw_prekeys is None else parse_prekeys(raw_prekeys, settings.max_prekeys_per_publish)
         if spk is not None:
             record = self.server.store.get_user(conn.user)
             identity_key = None if record is None else record.devices.get(conn.device)
