@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import trio
 
-from relay.client import DeviceIdentity, Message, open_client
+from relay.client import DeviceIdentity, Message, open_transport
 from tests.wire import User
 
 TOTAL = 1000
@@ -16,13 +16,13 @@ async def test_cuts_during_flow_lose_and_repeat_nothing(relay):
     alice = DeviceIdentity.generate(relay.url, "alice")
     bob = DeviceIdentity.generate(relay.url, "bob")
     for identity in (alice, bob):
-        async with open_client(identity, register=True):
+        async with open_transport(identity, register=True):
             pass
     received: list[bytes] = []
     cuts = {"alice": 0, "bob": 0}
 
     async def send_all() -> None:
-        async with open_client(alice, max_in_flight=64) as client:
+        async with open_transport(alice, max_in_flight=64) as client:
             ids = []
             for i in range(TOTAL):
                 # Stay a little ahead of the receiver, so both sides are
@@ -34,7 +34,7 @@ async def test_cuts_during_flow_lose_and_repeat_nothing(relay):
                 await client.wait_sent(msg_id, timeout=60)
 
     async def receive_all() -> None:
-        async with open_client(bob) as client:
+        async with open_transport(bob) as client:
             async for entry in client.entries():
                 if isinstance(entry, Message):
                     received.append(entry.payload)

@@ -18,7 +18,7 @@ client); connections are numbered by the caller from 1.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -176,6 +176,11 @@ class InboxCursor:
         self.dedupe = DedupeWindow(dedupe_capacity)
         self.duplicates = 0
 
+    def fresh(self, seq: int, key: Hashable | None) -> bool:
+        """Whether :meth:`take` would hand entry ``seq`` to the application
+        (without taking it)."""
+        return seq > self.acks.taken_max and (key is None or key not in self.dedupe)
+
     def take(self, seq: int, key: Hashable | None, now: float) -> tuple[bool, bool]:
         """Take entry ``seq`` (``key`` is the message key, None for receipts and
         events). Returns ``(fresh, wake)``: whether to hand it to the
@@ -306,17 +311,51 @@ class OutgoingSend:
     conflicts: int = 0  # 409s so far
     retries: int = 0  # 429/503 so far
     hold_until: float | None = None  # backing off after 429/503
+    # device -> the ciphertext sealed for it. Sealing advances that device's
+    # ratchet, so a resend (reconnect, or a 409 that added a device) reuses
+    # what was sealed and seals only for devices new to this SEND.
+    sealed: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[bool, str]:
         """The ordering domain: one recipient user, or one group."""
         return (self.group, self.to)
 
+    def seal_for(self, devices: Iterable[int], seal: Seal) -> list[int]:
+        """Seal the payload for each of ``devices`` not sealed yet; returns the
+        devices ``seal`` has no session with (nothing sealed for them)."""
+        missing = []
+        for device in devices:
+            if device not in self.sealed:
+                sealed = seal(self.to, device, self.payload)
+                if sealed is None:
+                    missing.append(device)
+                else:
+                    self.sealed[device] = sealed
+        return missing
+
     def encode(self, devices: tuple[int, ...] = ()) -> bytes:
+        """The SEND (or SEND_GROUP) frame; a SEND carries for each of
+        ``devices`` what :meth:`seal_for` sealed, or else the payload itself."""
         if self.group:
             return msgpack.packb([FRAME_SEND_GROUP, self.msg_id, self.to, self.payload])
-        payloads = {device: self.payload for device in devices}
+        payloads = {device: self.sealed.get(device, self.payload) for device in devices}
         return msgpack.packb([FRAME_SEND, self.msg_id, self.to, payloads])
+
+
+#: ``seal(to, device, payload)``: the payload encrypted for one device, or
+#: None when there is no session with that device yet. May raise
+#: :class:`SealError` to fail the SEND.
+Seal = Callable[[str, int, bytes], "bytes | None"]
+
+
+class SealError(Exception):
+    """Sealing a payload for a device failed for good (code, reason as in ERROR)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
 
 
 @dataclass
@@ -325,6 +364,8 @@ class Batch:
 
     frames: list[tuple[OutgoingSend, bytes]] = field(default_factory=list)
     lookups: set[str] = field(default_factory=set)  # users to fetch devices.list for
+    # user -> devices that ``seal`` has no session with yet (set up, then retry)
+    sessions: dict[str, set[int]] = field(default_factory=dict)
     failed: list[tuple[OutgoingSend, int, str]] = field(default_factory=list)  # removed
 
 
@@ -390,13 +431,16 @@ class Outbox:
         sender: tuple[str, int] | None = None,
         max_frames: int = 256,
         max_bytes: int = 1024 * 1024,
+        seal: Seal | None = None,
     ) -> Batch:
         """Pick the SENDs to write on ``connection`` now, in order, and mark them
         as on the wire there. ``lookups`` are users whose device set must be
         fetched (mark them with :meth:`DeviceDirectory.start_fetch`).
 
         ``sender`` is this device ``(user, device)``: a SEND to one's own user
-        names only the other devices."""
+        names only the other devices. ``seal`` encrypts a SEND's payload per
+        device (see :data:`Seal`); a device it has no session with yet lands
+        in ``sessions`` and holds that recipient back."""
         batch = Batch()
         blocked: set[tuple[bool, str]] = set()
         size = 0
@@ -431,6 +475,17 @@ class Outbox:
                     del self._items[item.msg_id]
                     batch.failed.append((item, 404, f"{item.to} has no other device to send to"))
                     continue
+                if seal is not None:
+                    try:
+                        missing = item.seal_for(devices, seal)
+                    except SealError as exc:
+                        del self._items[item.msg_id]
+                        batch.failed.append((item, exc.code, exc.reason))
+                        continue
+                    if missing:
+                        batch.sessions.setdefault(item.to, set()).update(missing)
+                        blocked.add(key)
+                        continue
                 frame = item.encode(devices)
             if len(frame) > self.max_frame_bytes:
                 del self._items[item.msg_id]

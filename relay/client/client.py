@@ -1,14 +1,18 @@
 """The trio client: one device's connection to a relay, kept alive.
 
-Start with :func:`open_client`; it connects, authenticates (or registers) and
+This is the transport: it moves payload bytes as they are given. The
+end-to-end layer on top (:mod:`relay.client.secure`, what
+:func:`relay.client.open_client` gives) plugs in through :class:`EndToEnd`.
+
+:func:`open_transport` connects, authenticates (or registers) and
 hands back a :class:`RelayClient` once READY arrived::
 
-    async with open_client(DeviceIdentity.load(state_dir)) as client:
+    async with open_transport(DeviceIdentity.load(state_dir)) as client:
         msg_id, ts = await client.send("bob", b"hi")
         async for entry in client.entries():
             ...
 
-Tasks (all in the nursery :func:`open_client` owns):
+Tasks (all in the nursery :func:`open_transport` owns):
 
 - the *supervisor* (``_run``) connects, reconnects with exponential back-off and
   jitter, and on each connection runs a *reader* (frames -> state), a *writer*
@@ -29,21 +33,21 @@ import random
 import re
 import secrets
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import msgpack
 import trio
 import trio_websocket
 
-from .bookkeeping import DeviceDirectory, InboxCursor, Outbox, OutgoingSend, ReadQueue
+from .bookkeeping import DeviceDirectory, InboxCursor, Outbox, OutgoingSend, ReadQueue, Seal
 from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
 from .identity import DeviceIdentity, valid_user
 from .types import Entry, Event, GroupInfo, Message, Receipt, Signal
 
-__all__ = ["RelayClient", "open_client"]
+__all__ = ["EndToEnd", "RelayClient", "open_transport"]
 
 log = logging.getLogger("relay.client")
 
@@ -74,6 +78,49 @@ _BACKOFF_MAX = 5.0
 _STABLE_SESSION = 10.0
 #: Completed send results kept for a late wait_sent().
 _RESULTS_KEPT = 10_000
+
+
+class EndToEnd(Protocol):
+    """What the transport asks of an end-to-end layer (``relay.client.secure``).
+
+    The transport moves bytes; this layer seals each SEND per device, sets up
+    sessions it lacks, opens each received entry before it can be acked, and
+    saves its state before anything that depends on it goes on the wire.
+    """
+
+    @property
+    def dirty(self) -> bool:
+        """True when state changed since the last :meth:`persist`."""
+        ...
+
+    def seal(self, to: str, device: int, payload: bytes) -> bytes | None:
+        """``payload`` encrypted for one device, or None without a session
+        (see :data:`relay.client.bookkeeping.Seal`)."""
+        ...
+
+    async def persist(self) -> None:
+        """Save the state durably (called before frames that depend on it are written)."""
+        ...
+
+    async def start_sessions(self, user: str, devices: set[int]) -> None:
+        """Set up sessions with these devices of ``user``; raise
+        :class:`ClientError` when that cannot be done."""
+        ...
+
+    def on_devices(self, user: str, devices: list[dict[str, Any]]) -> None:
+        """A fresh ``devices.list`` answer for ``user`` (identity keys included)."""
+        ...
+
+    def handed_out(self, entry: Entry) -> None:
+        """``entry`` (from :meth:`open`) is handed to the application now: a
+        redelivery of it is to be swallowed (saved before the ACK)."""
+        ...
+
+    async def open(self, entry: Message | Receipt | Event) -> Entry | None:
+        """The entry to hand to the application (a message decrypted), or None
+        to swallow it (a control message, or one handed out before a
+        restart). Its state is saved before it returns."""
+        ...
 
 
 class _Lost(Exception):
@@ -262,7 +309,7 @@ def _as_group_info(op: str, result: Any) -> GroupInfo:
 
 
 class RelayClient:
-    """A connected (and reconnecting) device. Make one with :func:`open_client`.
+    """A connected (and reconnecting) device. Make one with :func:`open_transport`.
 
     Attributes: ``identity``, ``user``, ``device``, ``pending`` (READY's count
     of waiting inbox entries, latest connection), ``connected``.
@@ -281,6 +328,7 @@ class RelayClient:
         window: int = 256,
         keepalive: float = 30.0,
         close_timeout: float = 5.0,
+        e2e: EndToEnd | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
@@ -296,6 +344,9 @@ class RelayClient:
         self._connect_timeout = connect_timeout
         self._keepalive_interval = keepalive
         self._close_timeout = close_timeout
+        self._e2e = e2e
+        self._seal: Seal | None = None if e2e is None else e2e.seal
+        self._session_setups: set[str] = set()  # users whose sessions are being set up
 
         self._connection = 0  # number of the current (or last) connection
         self._connections = 0  # connections that reached READY
@@ -478,11 +529,19 @@ class RelayClient:
                 if isinstance(entry, Message)
                 else None
             )
+            opened: Entry | None = entry
+            if self._e2e is not None and self._inbox.fresh(seq, key):
+                # Decrypt and save before the entry can be acked.
+                opened = await self._e2e.open(entry)
+                if connection != self._connection:
+                    continue  # redelivered on the new connection; saved state swallows or shows it
             fresh, wake = self._inbox.take(seq, key, trio.current_time())
             if wake:
                 self._wakeup.set()
-            if fresh:
-                return entry
+            if fresh and opened is not None:
+                if self._e2e is not None:
+                    self._e2e.handed_out(opened)
+                return opened
 
     async def mark_read(self, sender: str, msg_ids: Iterable[bytes]) -> None:
         """Send READ: this user has seen these messages from ``sender`` (the
@@ -557,7 +616,24 @@ class RelayClient:
         """``devices.list``: ``[{device, identity_key}, ...]`` of ``user``."""
         result = await self.request("devices.list", {"user": user}, retry=True)
         devices: list[dict[str, Any]] = result["devices"]
+        if self._e2e is not None:
+            self._e2e.on_devices(user, devices)
+        self._directory.set(user, (int(d["device"]) for d in devices))
         return devices
+
+    async def known_devices(self, user: str) -> tuple[int, ...]:
+        """The device numbers of ``user``: from the cache SENDs use, else
+        ``devices.list`` (:class:`RequestError` 404 for an unknown user)."""
+        entry = self._directory.get(user)
+        if entry is not None:
+            return entry[1]
+        await self.devices(user)
+        entry = self._directory.get(user)
+        return () if entry is None else entry[1]
+
+    def spawn(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run ``fn`` in the client's nursery (it ends with the client)."""
+        self._nursery.start_soon(fn)
 
     # --------------------------------------------------------------- groups
     #
@@ -648,6 +724,8 @@ class RelayClient:
                 try:
                     result = await self.request("devices.list", {"user": user}, retry=True)
                     devices = [int(d["device"]) for d in result["devices"]]
+                    if self._e2e is not None:
+                        self._e2e.on_devices(user, result["devices"])
                 except RequestError as exc:
                     last = exc
                     if exc.code in _LOOKUP_RETRY:
@@ -663,13 +741,31 @@ class RelayClient:
                 else:
                     self._directory.set(user, devices)
                     return
-            err = SendError(last.code, f"cannot look up the devices of {user!r}: {last.reason}")
-            for item in self._outbox.fail_user(user):
-                self._resolve_send(item.msg_id, error=err)
-            self._slot_freed.fire()
+            self._fail_user(user, SendError(last.code, f"cannot look up the devices of {user!r}: {last.reason}"))
         finally:
             self._directory.fetch_failed(user)  # no-op after a successful set()
             self._wakeup.set()
+
+    async def _set_up_sessions(self, user: str, devices: set[int]) -> None:
+        """Have the end-to-end layer set up sessions with ``devices`` of
+        ``user``; on failure fail the SENDs to that user."""
+        assert self._e2e is not None
+        try:
+            await self._e2e.start_sessions(user, devices)
+        except SendError as exc:
+            self._fail_user(user, exc)
+        except RequestError as exc:
+            self._fail_user(user, SendError(exc.code, f"cannot set up a session with {user!r}: {exc.reason}"))
+        except ClientError:
+            return  # closed or dead: the sends fail with that
+        finally:
+            self._session_setups.discard(user)
+            self._wakeup.set()
+
+    def _fail_user(self, user: str, error: ClientError) -> None:
+        for item in self._outbox.fail_user(user):
+            self._resolve_send(item.msg_id, error=error)
+        self._slot_freed.fire()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -1002,6 +1098,10 @@ class RelayClient:
         try:
             while True:
                 messages = self._collect(connection)
+                if messages and self._e2e is not None and self._e2e.dirty:
+                    # Sealing advanced a ratchet, or entries about to be
+                    # acked were opened: save that before the bytes leave.
+                    await self._e2e.persist()
                 for message in messages:
                     await ws.send_message(message)
                 if messages:
@@ -1041,10 +1141,15 @@ class RelayClient:
             sender=(self.identity.user, self.identity.device),
             max_frames=4 * MAX_FRAMES_PER_MESSAGE,
             max_bytes=4 * MAX_OUT_MESSAGE,
+            seal=self._seal,
         )
         for user in batch.lookups:
             self._directory.start_fetch(user)
             self._nursery.start_soon(self._fetch_devices, user)
+        for user, devices in batch.sessions.items():
+            if user not in self._session_setups:
+                self._session_setups.add(user)
+                self._nursery.start_soon(self._set_up_sessions, user, devices)
         for item, code, reason in batch.failed:
             self._resolve_send(item.msg_id, error=SendError(code, reason))
             self._slot_freed.fire()
@@ -1116,7 +1221,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> NoReturn:
 
 
 @asynccontextmanager
-async def open_client(
+async def open_transport(
     identity: DeviceIdentity,
     *,
     register: bool = False,
@@ -1127,6 +1232,7 @@ async def open_client(
     window: int = 256,
     keepalive: float = 30.0,
     close_timeout: float = 5.0,
+    e2e: EndToEnd | None = None,
 ) -> AsyncIterator[RelayClient]:
     """Connect ``identity`` to its relay; yields a READY :class:`RelayClient`.
 
@@ -1156,6 +1262,7 @@ async def open_client(
                 window=window,
                 keepalive=keepalive,
                 close_timeout=close_timeout,
+                e2e=e2e,
             )
             await nursery.start(client._run)
             try:

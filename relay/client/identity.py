@@ -31,6 +31,7 @@ __all__ = [
     "auth_signature",
     "normalize_server_url",
     "valid_user",
+    "write_private_file",
 ]
 
 AUTH_CONTEXT = b"relay-auth-v1"
@@ -49,6 +50,34 @@ def auth_signature(signing_key: SigningKey, server_name: str, challenge: bytes) 
     over ``b"relay-auth-v1" + server_name.encode() + challenge``."""
     message = AUTH_CONTEXT + server_name.encode() + challenge
     return bytes(signing_key.sign(message).signature)
+
+
+def write_private_file(target: Path, data: bytes) -> Path:
+    """Replace ``target`` with ``data`` atomically and durably: a temp file in
+    the same directory (mode 0600), fsync, rename, fsync of the directory.
+    The directory is created 0700 if missing. A crash leaves the old file or
+    the new one, never a mix."""
+    directory = target.parent
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return target
 
 
 def normalize_server_url(url: str) -> str:
@@ -131,29 +160,8 @@ class DeviceIdentity:
     def save(self, state_dir: str | os.PathLike[str]) -> Path:
         """Write ``state.json`` into ``state_dir`` (created 0700 if missing)
         atomically (temp file, fsync, rename) with mode 0600; returns its path."""
-        directory = Path(state_dir)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        target = directory / STATE_FILE
         data = (json.dumps(self.to_json(), indent=2) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=directory)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        # Make the rename itself durable.
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return target
+        return write_private_file(Path(state_dir) / STATE_FILE, data)
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike[str]) -> DeviceIdentity:
