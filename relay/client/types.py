@@ -15,7 +15,13 @@ __all__ = ["Entry", "Event", "GroupInfo", "Message", "Receipt", "Signal"]
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """MSG: a message for this device (``group`` is None for a direct one)."""
+    """MSG: a message for this device (``group`` is None for a direct one).
+
+    ``payload`` is the bytes the relay carried (ciphertext). The end-to-end
+    client (:func:`relay.client.open_client`) sets ``plaintext``, the
+    decrypted map (``type``, ``ts`` and the type's fields), or ``error``, why
+    it could not be decrypted; ``identity_changed`` flags a sender whose
+    identity key changed since it was first seen."""
 
     seq: int
     msg_id: bytes
@@ -24,6 +30,9 @@ class Message:
     group: str | None
     ts: int
     payload: bytes
+    plaintext: dict[str, Any] | None = None
+    error: str | None = None
+    identity_changed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
