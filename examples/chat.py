@@ -3,8 +3,9 @@
     python -m relay serve --port 8765 --data /tmp/relay-data &
     python3 examples/chat.py [ws://127.0.0.1:8765/v1]
 
-Payloads here are plain msgpack text maps; a real app encrypts them first
-(profile relay-v1 of PROTOCOL.md; not in the library yet).
+Every message is end-to-end encrypted (profile relay-v1, docs/e2e.md): the
+relay stores and forwards ciphertext only. Each user's keys and sessions live
+in its state directory (state.json and e2ee.state).
 """
 
 from __future__ import annotations
@@ -13,17 +14,11 @@ import secrets
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import msgpack
 import trio
 
-from relay.client import DeviceIdentity, Message, Receipt, open_client
-
-
-def text(body: str) -> bytes:
-    return msgpack.packb({"type": "text", "body": body, "ts": int(time.time() * 1000)})
+from relay.client import ClientError, DeviceIdentity, Message, Receipt, open_client
 
 
 async def main(url: str) -> None:
@@ -39,8 +34,8 @@ async def chat(url: str, state: Path) -> None:
     alice = DeviceIdentity.generate(url, f"alice-{suffix}")
     bob = DeviceIdentity.generate(url, f"bob-{suffix}")
     for ident in (alice, bob):
-        async with open_client(ident, register=True):
-            pass  # REGISTER -> READY: the account exists, this key is device 1
+        async with open_client(ident, state / ident.user, register=True):
+            pass  # REGISTER -> READY, prekeys published: the account exists, this key is device 1
         ident.save(state / ident.user)
         print(f"registered {ident.user} (device {ident.device}), state in {state / ident.user}")
 
@@ -48,15 +43,18 @@ async def chat(url: str, state: Path) -> None:
     alice = DeviceIdentity.load(state / alice.user)
     bob = DeviceIdentity.load(state / bob.user)
 
-    async with open_client(alice) as a, open_client(bob) as b:
-        msg_id, ts = await a.send(bob.user, text("hi bob!"))
+    async with (
+        open_client(alice, state / alice.user) as a,
+        open_client(bob, state / bob.user) as b,
+    ):
+        msg_id, ts = await a.send(bob.user, "hi bob!")  # X3DH, then one ciphertext per device
         print(f"alice -> bob {msg_id.hex()[:8]}: stored by the relay at {ts} (✓)")
 
         with trio.fail_after(10):
             async for entry in b.entries():  # taking an entry acks it: delivered
                 if isinstance(entry, Message):
-                    body = msgpack.unpackb(entry.payload)["body"]
-                    print(f"bob got {body!r} from {entry.from_user}")
+                    body = entry.plaintext["body"] if entry.plaintext else entry.error
+                    print(f"bob got {body!r} from {entry.from_user} (decrypted on bob's side)")
                     await b.mark_read(entry.from_user, [entry.msg_id])
                     break
 
@@ -75,4 +73,8 @@ async def chat(url: str, state: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 2:
         sys.exit("usage: python3 examples/chat.py [ws://HOST:PORT/v1]")
-    trio.run(main, sys.argv[1] if len(sys.argv) == 2 else "ws://127.0.0.1:8765/v1")
+    url = sys.argv[1] if len(sys.argv) == 2 else "ws://127.0.0.1:8765/v1"
+    try:
+        trio.run(main, url)
+    except (ClientError, OSError, ValueError) as exc:
+        sys.exit(f"chat.py: {exc}")

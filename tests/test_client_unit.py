@@ -30,7 +30,7 @@ from relay.client import (
     SendError,
     Signal,
     auth_signature,
-    open_client,
+    open_transport,
 )
 from relay.client.bookkeeping import (
     AckTracker,
@@ -41,7 +41,7 @@ from relay.client.bookkeeping import (
     OutgoingSend,
     ReadQueue,
 )
-from relay.client.cli import decode_text, encode_text, entry_to_json, parse_members
+from relay.client.cli import entry_to_json, parse_members
 from relay.client.client import MAX_FRAMES_PER_MESSAGE, decode_frames, pack_messages
 from relay.client.identity import normalize_server_url
 
@@ -335,17 +335,9 @@ def test_pack_messages_and_decode_frames():
 # ------------------------------------------------------------------ CLI helpers
 
 
-def test_text_payload_round_trip():
-    payload = encode_text("hi ✓")
-    assert decode_text(payload) == "hi ✓"
-    decoded = msgpack.unpackb(payload)
-    assert decoded["type"] == "text" and isinstance(decoded["ts"], int)
-    assert decode_text(b"\xc1") is None
-    assert decode_text(msgpack.packb({"type": "media"})) is None
-
-
 def test_entry_to_json():
-    msg = Message(4, b"\x01" * 16, "alice", 2, None, 123, encode_text("yo"))
+    text = {"type": "text", "ts": 5, "body": "yo"}
+    msg = Message(4, b"\x01" * 16, "alice", 2, None, 123, b"ct", plaintext=text)
     assert entry_to_json(msg) == {
         "type": "message",
         "from": "alice",
@@ -354,8 +346,14 @@ def test_entry_to_json():
         "ts": 123,
         "text": "yo",
     }
-    raw = entry_to_json(Message(5, b"\x02" * 16, "alice", 2, "g." + "a" * 22, 1, b"\x00"))
-    assert raw["payload"] == "AA==" and raw["group"] == "g." + "a" * 22
+    group = "g." + "a" * 22
+    refused = entry_to_json(Message(5, b"\x02" * 16, "alice", 2, group, 1, b"\x00", error="cannot decrypt: BadMacError"))
+    assert refused["error"] == "cannot decrypt: BadMacError" and refused["group"] == group
+    assert "text" not in refused and "payload" not in refused
+    odd = entry_to_json(Message(5, b"\x02" * 16, "eve", 1, None, 1, b"", plaintext={"type": "poll", "ts": 1, "q": b"\xff"}))
+    assert odd["unsupported"] == "poll" and odd["plaintext"]["q"] == "/w=="
+    flagged = entry_to_json(Message(6, b"\x03" * 16, "bob", 1, None, 1, b"", plaintext=text, identity_changed=True))
+    assert flagged["identity_changed"] is True
     receipt = entry_to_json(Receipt(6, b"\x01" * 16, "bob", 1, 2, 9))
     assert receipt["status"] == "read" and receipt["by"] == "bob"
     event = entry_to_json(Event(7, "keys.low", {"count": 3, "k": b"\xff"}, 1))
@@ -612,7 +610,7 @@ async def test_fake_send_receive_and_ack():
 
     async with fake_relay(script) as relay:
         relay.pending = 4
-        async with open_client(_alice(relay), connect_timeout=5) as client:
+        async with open_transport(_alice(relay), connect_timeout=5) as client:
             assert client.pending == 4 and client.user == "alice" and client.device == 1
             msg_id, ts = await client.send("bob", b"hello")
             assert ts == 1234 and len(msg_id) == 16
@@ -637,15 +635,15 @@ async def test_fake_register_and_auth_errors():
 
     async with fake_relay(script) as relay:
         ident = DeviceIdentity.generate(relay.url, "carol")
-        async with open_client(ident, register=True, connect_timeout=5) as client:
+        async with open_transport(ident, register=True, connect_timeout=5) as client:
             assert client.device == 1
         assert relay.users["carol"] == ident.identity_key
         with pytest.raises(AuthError) as info:
-            async with open_client(DeviceIdentity.generate(relay.url, "carol"), register=True):
+            async with open_transport(DeviceIdentity.generate(relay.url, "carol"), register=True):
                 pass
         assert info.value.code == 409
         with pytest.raises(AuthError) as info:
-            async with open_client(DeviceIdentity.generate(relay.url, "carol")):
+            async with open_transport(DeviceIdentity.generate(relay.url, "carol")):
                 pass
         assert info.value.code == 401
 
@@ -658,14 +656,14 @@ async def test_fake_register_whose_ready_was_lost():
         relay.lose_ready = True
         ident = DeviceIdentity.generate(relay.url, "dave")
         # The retry's REGISTER gets 409 (the first one worked): AUTH with the key.
-        async with open_client(ident, register=True, connect_timeout=5) as client:
+        async with open_transport(ident, register=True, connect_timeout=5) as client:
             assert client.device == 1
         assert relay.connections == 3
         # Someone else's name stays taken: 409 from REGISTER, then 401 from the
         # AUTH fallback, reported as 409.
         relay.drop_handshake = True
         with pytest.raises(AuthError) as info:
-            async with open_client(DeviceIdentity.generate(relay.url, "dave"), register=True):
+            async with open_transport(DeviceIdentity.generate(relay.url, "dave"), register=True):
                 pass
         assert info.value.code == 409
         assert relay.connections == 6
@@ -674,7 +672,7 @@ async def test_fake_register_whose_ready_was_lost():
 async def test_fake_cannot_connect():
     ident = DeviceIdentity.generate("ws://127.0.0.1:1/v1", "alice")
     with trio.fail_after(5), pytest.raises(ConnectionClosed) as info:
-        async with open_client(ident, connect_timeout=0.5):
+        async with open_transport(ident, connect_timeout=0.5):
             pass
     assert "cannot connect" in info.value.reason
 
@@ -695,7 +693,7 @@ async def test_fake_reconnect_resends_same_ids_in_order():
             await conn.send([12, msg_id, 100 + i])
         await conn.idle()
 
-    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+    async with fake_relay(script) as relay, open_transport(_alice(relay), connect_timeout=5) as client:
         ids = [await client.submit("bob", b"%d" % i) for i in range(3)]
         with trio.fail_after(5):
             await relay.reached(1).wait()
@@ -721,7 +719,7 @@ async def test_fake_redelivery_is_deduplicated_and_acked():
         conn.relay.reached(2).set()
         await conn.idle()
 
-    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+    async with fake_relay(script) as relay, open_transport(_alice(relay), connect_timeout=5) as client:
         seen = []
         with trio.fail_after(5):
             async for entry in client.entries():
@@ -743,7 +741,7 @@ async def test_fake_conflict_refreshes_devices():
         await conn.send([12, send[1], 7])
         await conn.idle()
 
-    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+    async with fake_relay(script) as relay, open_transport(_alice(relay), connect_timeout=5) as client:
         with trio.fail_after(5):
             assert (await client.send("bob", b"x"))[1] == 7
             with pytest.raises(SendError) as info:
@@ -760,7 +758,7 @@ async def test_fake_send_error_and_backpressure():
 
     async with (
         fake_relay(script) as relay,
-        open_client(_alice(relay), connect_timeout=5, max_in_flight=1) as client,
+        open_transport(_alice(relay), connect_timeout=5, max_in_flight=1) as client,
     ):
         first = await client.submit("bob", b"1")
         with trio.move_on_after(0.2) as scope:
@@ -786,7 +784,7 @@ async def test_fake_requests_across_a_drop():
         await conn.send([21, req[1], False, {"code": 404, "reason": "no profile"}])
         await conn.idle()
 
-    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+    async with fake_relay(script) as relay, open_transport(_alice(relay), connect_timeout=5) as client:
         results: dict[str, Any] = {}
 
         async def call(op: str, retry: bool) -> None:
@@ -814,7 +812,7 @@ async def test_fake_connected_elsewhere_does_not_reconnect():
         await conn.relay.reached(1).wait()
         await conn.ws.aclose(4409, "connected elsewhere")
 
-    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+    async with fake_relay(script) as relay, open_transport(_alice(relay), connect_timeout=5) as client:
         with trio.fail_after(5):
             entries = client.entries()
             assert isinstance(await entries.__anext__(), Message)
@@ -837,7 +835,7 @@ async def test_fake_mark_read_follows_ack_and_close_flushes():
         await conn.idle()
 
     async with fake_relay(script) as relay:
-        async with open_client(_alice(relay), connect_timeout=5) as client:
+        async with open_transport(_alice(relay), connect_timeout=5) as client:
             with trio.fail_after(5):
                 entry = await client.receive()
                 assert isinstance(entry, Message)
@@ -871,7 +869,7 @@ async def test_fake_group_wrappers_send_the_ops_and_check_answers():
             else:
                 await conn.send([21, req[1], True, {**info, "extra": 1}])
 
-    async with fake_relay(script) as relay, open_client(_alice(relay), connect_timeout=5) as client:
+    async with fake_relay(script) as relay, open_transport(_alice(relay), connect_timeout=5) as client:
         with trio.fail_after(5):
             assert await client.create_group("t", ["bob"]) == info  # only the known fields
             assert await client.group_info(group) == info

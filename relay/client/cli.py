@@ -1,24 +1,25 @@
-"""The client commands of ``relay``: register, send, recv, group.
+"""The client commands of ``relay``: register, send, recv, group, safety-number.
 
 ``relay/cli.py`` calls :func:`add_commands` on its subparsers; each command
 sets ``handler`` (``handler(args) -> int``). Output is one JSON object per
 line on stdout; errors are one line on stderr and a non-zero exit code
 (1 for errors, 2 for bad arguments), never a traceback.
 
-Text messages are the msgpack map ``{"type": "text", "body": TEXT, "ts": ms}``
-(the ``relay-v1`` plaintext shape, not encrypted by these commands).
+Every message is end-to-end encrypted (profile ``relay-v1``, see
+``docs/e2e.md``): the commands use :func:`relay.client.open_client` with the
+state directory's ``e2ee.state``. There is no plaintext mode.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import logging
 import math
 import re
 import sys
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,16 @@ from typing import Any
 import msgpack
 import trio
 
-from .client import RelayClient, open_client
 from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
 from .identity import STATE_FILE, DeviceIdentity, valid_user
+from .keystore import E2EE_STATE_FILE, KeyStore
+from .secure import SecureClient, open_client
 from .types import Entry, Event, GroupInfo, Message, Receipt, Signal
 
-__all__ = ["add_commands", "decode_text", "encode_text", "entry_to_json", "parse_members"]
+__all__ = ["add_commands", "entry_to_json", "parse_members"]
+
+#: How long a command tries to reach the relay before it says it cannot.
+CONNECT_TIMEOUT_S = 5.0
 
 
 class _CommandError(Exception):
@@ -40,26 +45,6 @@ class _CommandError(Exception):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
-
-
-def encode_text(text: str) -> bytes:
-    """The payload of a text message."""
-    payload: bytes = msgpack.packb(
-        {"type": "text", "body": text, "ts": int(time.time() * 1000)}, use_bin_type=True
-    )
-    return payload
-
-
-def decode_text(payload: bytes) -> str | None:
-    """The body of a text-message payload, or None when it is something else."""
-    try:
-        obj = msgpack.unpackb(payload, raw=False)
-    except Exception:  # any undecodable payload is simply "not text"
-        return None
-    if isinstance(obj, dict) and obj.get("type") == "text" and isinstance(obj.get("body"), str):
-        body: str = obj["body"]
-        return body
-    return None
 
 
 def _jsonable(value: Any) -> Any:
@@ -102,11 +87,18 @@ def entry_to_json(entry: Entry) -> dict[str, Any]:
         }
         if entry.group is not None:
             out["group"] = entry.group
-        text = decode_text(entry.payload)
-        if text is not None:
-            out["text"] = text
+        message = entry.plaintext
+        if entry.error is not None or message is None:
+            out["error"] = entry.error or "no plaintext"
+        elif message.get("type") == "text" and isinstance(message.get("body"), str):
+            out["text"] = message["body"]
+        elif message.get("type") == "media":
+            out["media"] = _jsonable({k: v for k, v in message.items() if k not in ("type", "ts")})
         else:
-            out["payload"] = base64.b64encode(entry.payload).decode("ascii")
+            out["unsupported"] = str(message.get("type"))
+            out["plaintext"] = _jsonable(message)
+        if entry.identity_changed:
+            out["identity_changed"] = True
         return out
     if isinstance(entry, Receipt):
         return {
@@ -137,6 +129,24 @@ def _load(state: str) -> DeviceIdentity:
         raise _CommandError(f"cannot read the state in {state!r}: {exc}") from None
 
 
+def _connect(identity: DeviceIdentity, state: str, timeout: float) -> Any:
+    """``open_client`` on the state directory, giving up on an unreachable
+    relay after a few seconds (not the whole command's timeout)."""
+    try:
+        keys = KeyStore.open(state)
+    except ValueError as exc:
+        raise _CommandError(str(exc)) from None
+    return open_client(identity, keys=keys, connect_timeout=min(timeout, CONNECT_TIMEOUT_S))
+
+
+async def _changed_identity(client: SecureClient, user: str) -> list[int]:
+    """Devices of ``user`` whose identity key changed (devices.list is asked
+    first, so a change made since the last run shows too)."""
+    with contextlib.suppress(RequestError):  # the send reports an unknown user itself
+        await client.transport.devices(user)
+    return client.identity_changed(user)
+
+
 def _describe(exc: ClientError) -> str:
     if isinstance(exc, AuthError):
         what = {
@@ -148,6 +158,8 @@ def _describe(exc: ClientError) -> str:
         return f"{what}: {exc.reason} ({exc.code})" if exc.reason else f"{what} ({exc.code})"
     if isinstance(exc, ConnectionClosed) and exc.code == 4409:
         return "this device connected again elsewhere (4409)"
+    if isinstance(exc, ConnectionClosed) and exc.reason.startswith("cannot connect to "):
+        return exc.reason.split(": ", 1)[0]
     if isinstance(exc, RequestError | SendError) and exc.code in _REFUSED:
         what = _REFUSED[exc.code]
         return f"{what}: {exc.reason} ({exc.code})" if exc.reason else f"{what} ({exc.code})"
@@ -227,8 +239,11 @@ def register_handler(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
+        # A fresh key store: an e2ee.state left by an earlier failed
+        # registration holds prekeys of another identity key.
+        keys = KeyStore(state / E2EE_STATE_FILE)
         async with open_client(
-            identity, register=True, token=args.token, connect_timeout=args.timeout
+            identity, keys=keys, register=True, token=args.token, connect_timeout=args.timeout
         ):
             pass
         path = identity.save(state)
@@ -260,16 +275,24 @@ def send_handler(args: argparse.Namespace) -> int:
         print(f"relay: invalid user name {args.to!r}", file=sys.stderr)
         return 2
 
+    text = sys.stdin.read() if args.text == "-" else args.text
+
     async def main() -> None:
         identity = _load(args.state)
-        payload = encode_text(args.text)
-        async with open_client(identity, connect_timeout=args.timeout) as client:
+        async with _connect(identity, args.state, args.timeout) as client:
             try:
                 if args.group is not None:
-                    msg_id, ts = await client.send_group(args.group, payload)
+                    msg_id, ts = await client.send_group(args.group, text)
                 else:
-                    msg_id, ts = await client.send(args.to, payload)
-            except SendError as exc:
+                    changed = await _changed_identity(client, args.to)
+                    if changed:
+                        print(
+                            f"relay: warning: the identity key of {args.to} device(s) {changed} "
+                            "changed; compare `relay safety-number` before trusting it",
+                            file=sys.stderr,
+                        )
+                    msg_id, ts = await client.send(args.to, text)
+            except (SendError, RequestError) as exc:
                 raise _CommandError(f"send: {_describe(exc)}") from None
             out: dict[str, Any] = {"msg_id": msg_id.hex(), "status": "sent", "ts": ts}
             if args.group is not None:
@@ -293,12 +316,13 @@ def recv_handler(args: argparse.Namespace) -> int:
         return 2
     idle = math.inf if args.timeout <= 0 else args.timeout
 
+    printed = 0
+
     async def main() -> None:
+        nonlocal printed
         identity = _load(args.state)
-        connect_timeout = min(idle, 10.0)
-        async with open_client(identity, connect_timeout=connect_timeout) as client:
+        async with _connect(identity, args.state, min(idle, 10.0)) as client:
             entries = client.entries()
-            printed = 0
             while args.count is None or printed < args.count:
                 entry = None
                 with trio.move_on_after(idle):
@@ -315,7 +339,47 @@ def recv_handler(args: argparse.Namespace) -> int:
                 if args.read and isinstance(entry, Message):
                     await client.mark_read(entry.from_user, [entry.msg_id])
 
-    return _run(main)
+    code = _run(main)
+    if code == 0 and args.count is not None and printed < args.count:
+        waited = "" if math.isinf(idle) else f" within {args.timeout:g} s"
+        print(f"relay: only {printed} of {args.count} entries arrived{waited}", file=sys.stderr)
+        return 1
+    return code
+
+
+# ------------------------------------------------------------- safety-number
+
+
+def safety_number_handler(args: argparse.Namespace) -> int:
+    """``relay safety-number``: the 60 digits (groups of 5) to compare with
+    USER, one JSON line per device of USER,
+    ``{"with", "device", "safety_number"}``; ``--accept`` clears the flag of
+    a changed identity key once they match."""
+    _setup_logging(args)
+    if not valid_user(args.with_user):
+        print(f"relay: invalid user name {args.with_user!r}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        identity = _load(args.state)
+        async with _connect(identity, args.state, args.timeout) as client:
+            try:
+                numbers = await client.safety_numbers(args.with_user)
+            except RequestError as exc:
+                raise _CommandError(f"safety-number: {_describe(exc)}") from None
+            changed = client.identity_changed(args.with_user)
+            for device, digits in numbers:
+                _print_json({"with": args.with_user, "device": device, "safety_number": digits})
+            if changed and args.accept:
+                client.accept_identity(args.with_user)
+            elif changed:
+                print(
+                    f"relay: the identity key of {args.with_user} device(s) {changed} changed; "
+                    "compare these digits, then run again with --accept",
+                    file=sys.stderr,
+                )
+
+    return _run(main, args.timeout)
 
 
 # --------------------------------------------------------------------- group
@@ -323,7 +387,7 @@ def recv_handler(args: argparse.Namespace) -> int:
 _GROUP_RE = re.compile(r"g\.[A-Za-z0-9_-]{22}")
 
 #: ``relay group ACTION`` -> what it does with the client.
-_GroupAction = Callable[[RelayClient, argparse.Namespace], Awaitable[GroupInfo]]
+_GroupAction = Callable[[SecureClient, argparse.Namespace], Awaitable[GroupInfo]]
 
 
 def parse_members(text: str) -> list[str]:
@@ -333,7 +397,7 @@ def parse_members(text: str) -> list[str]:
 
 def _group_actions() -> dict[str, _GroupAction]:
     def on_members(
-        method: Callable[[RelayClient, str, list[str]], Awaitable[GroupInfo]],
+        method: Callable[[SecureClient, str, list[str]], Awaitable[GroupInfo]],
     ) -> _GroupAction:
         return lambda client, args: method(client, args.group, args.users)
 
@@ -341,10 +405,10 @@ def _group_actions() -> dict[str, _GroupAction]:
         "create": lambda c, a: c.create_group(a.name, parse_members(a.members)),
         "info": lambda c, a: c.group_info(a.group),
         "leave": lambda c, a: c.leave_group(a.group),
-        "add": on_members(RelayClient.add_members),
-        "remove": on_members(RelayClient.remove_members),
-        "promote": on_members(RelayClient.promote),
-        "demote": on_members(RelayClient.demote),
+        "add": on_members(SecureClient.add_members),
+        "remove": on_members(SecureClient.remove_members),
+        "promote": on_members(SecureClient.promote),
+        "demote": on_members(SecureClient.demote),
         "rename": lambda c, a: c.rename_group(a.group, a.name),
     }
 
@@ -369,7 +433,7 @@ def group_handler(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         identity = _load(args.state)
-        async with open_client(identity, connect_timeout=args.timeout) as client:
+        async with _connect(identity, args.state, args.timeout) as client:
             try:
                 info = await action(client, args)
             except RequestError as exc:
@@ -432,12 +496,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
     p.set_defaults(handler=register_handler)
 
-    p = subparsers.add_parser("send", help="send a text message and wait for SENT")
+    p = subparsers.add_parser("send", help="send an encrypted text message and wait for SENT")
     p.add_argument("--state", required=True, help="directory with state.json")
     to = p.add_mutually_exclusive_group(required=True)
     to.add_argument("--to", help="recipient user")
     to.add_argument("--group", help="recipient group id (g.…): one SEND_GROUP to all members")
-    p.add_argument("text", help="message text")
+    p.add_argument("text", help="message text; - reads it from standard input")
     p.add_argument(
         "--timeout", type=float, default=30.0, help="seconds for the whole send (default 30)"
     )
@@ -458,3 +522,15 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.set_defaults(handler=recv_handler)
 
     _add_group_commands(subparsers)
+
+    p = subparsers.add_parser(
+        "safety-number", help="print the safety number to compare with another user"
+    )
+    p.add_argument("--state", required=True, help="directory with state.json")
+    p.add_argument("--with", dest="with_user", required=True, metavar="USER", help="the other user")
+    p.add_argument(
+        "--accept", action="store_true", help="the digits match: clear the 'identity changed' flag"
+    )
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds in all (default 30)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log connection events")
+    p.set_defaults(handler=safety_number_handler)
