@@ -174,3 +174,27 @@ async def test_client_killed_between_decrypt_and_ack_shows_the_message_once(
         entries = await cli.recv("alice", 3)
         assert [e["type"] for e in entries] == ["receipt", "receipt", "message"], entries
         assert entries[2]["text"] == "back"
+
+
+async def test_a_group_of_five_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = ["ann", "ben", "cat", "dan", "eve"]
+    async with spawn_relay(tmp_path / "data") as relay:
+        cli = Cli(capsys, relay.url, tmp_path)
+        await cli.register(*names)
+        group = (await cli.group("create", "ann", "--name", "five", "--members", ",".join(names[1:]))).one["group"]
+        for name in names:
+            assert (await cli.send_group(name, group, f"{name} says hi")).one["status"] == "sent"
+        for name in names:
+            run = await cli("recv", "--state", cli.state(name), "--timeout", "1")
+            assert run.code == 0, run.err
+            texts = {line["text"] for line in run.lines if line["type"] == "message"}
+            assert texts == {f"{n} says hi" for n in names if n != name}, run.lines
+            assert not [line for line in run.lines if "error" in line]
+        # ann removes eve; eve gets the event and none of what follows.
+        await cli.group("remove", "ann", group, "eve")
+        await cli.send_group("ben", group, "after eve left")
+        cat = await cli("recv", "--state", cli.state("cat"), "--timeout", "1")
+        assert [e["text"] for e in cat.lines if e["type"] == "message"] == ["after eve left"]
+        eve = await cli("recv", "--state", cli.state("eve"), "--timeout", "1")
+        assert [line["kind"] for line in eve.lines if line["type"] == "event"] == ["group.changed"]
+        assert not [line for line in eve.lines if line["type"] == "message"]

@@ -74,28 +74,60 @@ async def test_one_to_one_both_ways_and_after_restart(relay: RelayServer, tmp_pa
     assert mode == 0o600
 
 
-async def test_every_device_gets_its_own_ciphertext(relay: RelayServer, tmp_path: Path) -> None:
-    alice = await register(relay, tmp_path, "alice")
-    bob = await register(relay, tmp_path, "bob")
-    # A second device for bob, added in the store directly (device.link is not
-    # built yet): both of bob's devices must get a payload of their own.
-    bob2 = DeviceIdentity.generate(relay.url, "bob")
+def give_device(relay: RelayServer, user: str, device: int, ident: DeviceIdentity) -> None:
+    """Set ``user``'s ``device`` to ``ident``'s key in the store directly
+    (device.link is not built yet), around the store's device cache."""
     from tests.test_protocol_integration import add_device
 
-    add_device(relay, "bob", 2, bob2.signing_key)
-    relay.store._shard("bob").devices.pop("bob", None)  # the write went around the cache
-    bob2.device = 2
-    keys2 = KeyStore.open(tmp_path / "bob2")
-    async with open_client(bob2, keys=keys2):
-        pass  # publishes bob device 2's prekeys
+    add_device(relay, user, device, ident.signing_key)
+    relay.store._shard(user).devices.pop(user, None)
+    ident.device = device
+
+
+async def test_every_device_gets_its_own_ciphertext_and_409_refetches(relay: RelayServer, tmp_path: Path) -> None:
+    alice = await register(relay, tmp_path, "alice")
+    bob = await register(relay, tmp_path, "bob")
     async with open_client(alice, tmp_path / "alice") as a:
+        await a.send("bob", "to bob's only device")
+        # bob gains a device: alice's cached device set is stale, the relay
+        # answers 409, the client refetches, sets up a session, resends.
+        bob2 = DeviceIdentity.generate(relay.url, "bob")
+        give_device(relay, "bob", 2, bob2)
+        keys2 = KeyStore.open(tmp_path / "bob2")
+        async with open_client(bob2, keys=keys2):
+            pass  # publishes bob device 2's prekeys
         await a.send("bob", "to both devices")
-        peers = a.keys.peers
-        assert ("bob", 1) in peers and ("bob", 2) in peers
+        assert ("bob", 1) in a.keys.peers and ("bob", 2) in a.keys.peers
     async with open_client(bob, tmp_path / "bob") as b1, open_client(bob2, keys=keys2) as b2:
+        assert body(await next_message(b1)) == "to bob's only device"
         m1, m2 = await next_message(b1), await next_message(b2)
         assert body(m1) == body(m2) == "to both devices"
         assert m1.payload != m2.payload
+
+
+async def test_a_changed_identity_key_is_flagged(relay: RelayServer, tmp_path: Path) -> None:
+    alice = await register(relay, tmp_path, "alice")
+    await register(relay, tmp_path, "bob")
+    async with open_client(alice, tmp_path / "alice") as a:
+        await a.send("bob", "to the first key")
+        assert a.identity_changed("bob") == []
+        # bob's device 1 now has another key (a reinstall, or a relay that lies).
+        new_bob = DeviceIdentity.generate(relay.url, "bob")
+        give_device(relay, "bob", 1, new_bob)
+        async with open_client(new_bob, tmp_path / "new-bob") as b:
+            await b.send("alice", "a new key")
+            message = await next_message(a)
+            assert body(message) == "a new key" and message.identity_changed
+            assert a.identity_changed("bob") == [1]
+            # Sending again makes a new session with the new key.
+            await a.send("bob", "to the new key")
+            while True:
+                got = await next_message(b)
+                if got.error is None:
+                    break  # the message to the old key was not for this one
+            assert body(got) == "to the new key"
+            a.accept_identity("bob")
+            assert a.identity_changed("bob") == []
 
 
 async def test_tampered_payload_is_shown_and_the_session_survives(relay: RelayServer, tmp_path: Path) -> None:

@@ -37,3 +37,20 @@ def test_store_has_no_trio(path: Path) -> None:
 def test_server_uses_nacl_only_for_auth() -> None:
     users = [p.name for p in (ROOT / "server").glob("*.py") if "nacl" in imports(p)]
     assert users == ["auth.py"], "PyNaCl only verifies AUTH/REGISTER signatures, in one module"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "e2ee").glob("*.py")), ids=lambda p: p.name)
+def test_e2ee_is_pure(path: Path) -> None:
+    # Crypto without I/O: libsodium, msgpack and hashing only; ``os`` for
+    # os.urandom, the default randomness (never files, never a clock).
+    allowed = STDLIB_OK | {"hmac", "msgpack", "nacl", "relay.e2ee", "relay.protocol.frames"}
+    found = {name for name in imports(path) if not name.startswith("relay.e2ee.")}
+    assert found <= allowed, found - allowed
+    assert "trio" not in found and "time" not in found and "socket" not in found
+
+
+def test_the_relay_never_imports_client_crypto() -> None:
+    # The relay holds no private key and decrypts nothing: keeping relay/e2ee
+    # out of the server and store makes that visible in the imports.
+    server_side = sorted((ROOT / "server").glob("*.py")) + sorted((ROOT / "store").glob("*.py"))
+    assert not [p.name for p in server_side if any(n.startswith("relay.e2ee") for n in imports(p))]
