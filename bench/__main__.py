@@ -27,6 +27,8 @@ from bench.targets import (
     stop,
 )
 
+CLIENT_ONLY = "client"  # the one "target" of a NO_RELAY scenario: nothing is spawned
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
@@ -125,18 +127,23 @@ def print_table(doc: dict[str, Any], module: Any, out: Any) -> None:
 
 
 def run_one(
-    name: str, module: Any, args: argparse.Namespace, relay_core: int | None, log: Any, suffix: str
+    name: str, module: Any, args: argparse.Namespace, relay_core: int | None, log: Any, suffix: str,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Spawn (or attach to) one target, run the scenario, always stop the relay."""
+    """Spawn (or attach to) one target, run the scenario, always stop the relay.
+    ``label``: the result's target name when it is not ``name`` (a variant)."""
     running: Running | None = None
     t0 = time.monotonic()
+    label = label or name
     try:
         if name == "url":
             running = external(args.url, args.relay_pid)
+        elif name == CLIENT_ONLY:
+            running = Running(CLIENT_ONLY, "", None, implementation=module.implementation())
         else:
-            log(f"[bench] starting {name}{suffix} ...")
+            log(f"[bench] starting {label}{suffix} ...")
             running = spawn(name, args.sync, relay_core, args.start_timeout)
-        log(f"[bench] {name}: {running.url} (pid {running.pid}, {running.implementation}); running {args.scenario}")
+        log(f"[bench] {label}: {running.url or 'no relay'} (pid {running.pid}, {running.implementation}); running {args.scenario}")
         result = run_target(module, running, args)
     except TargetError as exc:
         result = {"target": name, "ok": False, "error": str(exc)}
@@ -146,9 +153,9 @@ def run_one(
             if code not in (None, 0, -15):
                 running.notes.append(f"relay exit code {code} after SIGTERM")
     result["notes"] = running.notes if running is not None else []
-    result["target"] = name
+    result["target"] = label
     key, unit = module.HEADLINE
-    log(f"[bench] {name}: done in {time.monotonic() - t0:.1f} s"
+    log(f"[bench] {label}: done in {time.monotonic() - t0:.1f} s"
         + (f", {result.get(key)} {unit}" if result.get("ok") else f", FAILED: {str(result.get('error', ''))[:300]}"))
     return result
 
@@ -184,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         "results": [],
     }
     log = (lambda *a: None) if args.json_only else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    if args.url:
+    if getattr(module, "NO_RELAY", False):
+        names = [CLIENT_ONLY]
+    elif args.url:
         names = ["url"]
     else:
         names = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -199,15 +208,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[bench] note: {note}", file=sys.stderr, flush=True)
                 doc.setdefault("notes", []).append(note)
                 names = [t for t in names if t != "mosquitto"]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    variants = module.variants(args) if hasattr(module, "variants") else [("", args)]
+    labels = [(name, f"{name}+{variant}" if variant else name, vargs) for name in names for variant, vargs in variants]
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for _, label, _ in labels}
     headline = module.HEADLINE[0]
     for round_ in range(args.repeat):
-        for name in names:  # interleaved, so slow drift of the machine hits every target alike
+        # Interleaved (targets, and variants within each), so slow drift of the machine hits all alike.
+        for name, label, vargs in labels:
             suffix = f" (round {round_ + 1}/{args.repeat})" if args.repeat > 1 else ""
-            result = run_one(name, module, args, relay_core, log, suffix)
-            runs[name].append(result)
-    for name in names:
-        doc["results"].append(pick_median(runs[name], headline, getattr(module, "median_by", None)))
+            result = run_one(name, module, vargs, relay_core, log, suffix, label)
+            runs[label].append(result)
+    for label in runs:
+        doc["results"].append(pick_median(runs[label], headline, getattr(module, "median_by", None)))
     doc["ratios"] = ratios(doc["results"], module.HEADLINE[0])
     text = json.dumps(doc, indent=2)
     print(text, flush=True)

@@ -13,6 +13,13 @@ and checks order, duplicates and gaps without shared state. Every ACK is
 cumulative: one ``[14, seq]`` per received WebSocket message carrying inbox
 entries (the highest seq in it), all replies of one read batched into one
 WebSocket message together with the sender's next SENDs.
+
+With ``pairs --e2ee`` the payload is a relay-v1 pairwise ciphertext instead
+(:meth:`Sender.build_encrypted`): a 100-byte ``text`` plaintext whose extra
+``bench`` field carries the same stamp, and the receiver decrypts every MSG
+with its ratchet session before it reads the stamp and acks (failures are
+counted, never acked silently as good). Sessions are set up in-process
+(:mod:`bench.e2ee`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+from nacl.signing import SigningKey
 
+from bench.e2ee import STAMP_FIELD, stamped_plaintext
+from bench.e2ee import now_ms as _now_ms
 from bench.engine import Conn
 from bench.proto import ERROR, EVENT, MSG, RECEIPT, SENT
 from bench.wsclient import encode_binary
+from relay.e2ee import pairwise
+from relay.e2ee import plaintext as _plaintext
+from relay.e2ee.errors import E2EEError
+from relay.e2ee.prekeys import PrekeyStore
 
 PAYLOAD_SIZE = 100
 _PAY = struct.Struct("<qIQ")  # send time (perf_counter_ns), sender index, counter
@@ -42,6 +56,11 @@ perf_counter_ns = time.perf_counter_ns
 
 def ack_frame(seq: int) -> bytes:
     return _packb([14, seq])
+
+
+def _bin_head(n: int) -> bytes:
+    """msgpack bin8 / bin16 header for ``n`` bytes."""
+    return b"\xc4" + bytes((n,)) if n < 256 else b"\xc5" + n.to_bytes(2, "big")
 
 
 @dataclass
@@ -60,6 +79,13 @@ class Counters:
     unexpected: int = 0
     unknown_ids: int = 0
     throttled: int = 0
+    # pairs --e2ee: client-side time spent in encrypt (plaintext encode +
+    # pairwise.encrypt) and decrypt (pairwise.decrypt + plaintext decode).
+    e2ee_encrypts: int = 0
+    e2ee_encrypt_ns: int = 0
+    e2ee_decrypts: int = 0
+    e2ee_decrypt_ns: int = 0
+    e2ee_failures: int = 0
     error_samples: list[Any] = field(default_factory=list)
 
     def snapshot(self) -> dict[str, int]:
@@ -90,6 +116,22 @@ class Shared:
         if len(self.counters.error_samples) < 10:
             self.counters.error_samples.append(repr(frame)[:200])
 
+    def record_e2ee_failure(self, exc: Exception) -> None:
+        self.counters.e2ee_failures += 1
+        if len(self.counters.error_samples) < 10:
+            self.counters.error_samples.append(f"decrypt: {type(exc).__name__}: {exc}"[:200])
+
+
+@dataclass
+class ReceiverKeys:
+    """What a receiver needs to decrypt (``pairs --e2ee``): its identity and
+    prekeys, its session with the sender, and the sender's identity key."""
+
+    identity: SigningKey
+    prekeys: PrekeyStore
+    peer: pairwise.PeerSessions
+    sender_identity_key: bytes
+
 
 def ws_messages(frames: list[bytes], single: bool) -> bytes:
     """The bytes of one socket write carrying ``frames``: all in one WebSocket
@@ -118,9 +160,14 @@ class Sender:
         self.cycle_at: dict[bytes, int] = {}
         self.conn: Conn | None = None
         self.closed_loop = True
+        # pairs --e2ee: the session with the receiver; every payload is then a
+        # relay-v1 pairwise ciphertext (see build_encrypted).
+        self.peer: pairwise.PeerSessions | None = None
 
     def build(self, n: int, t_ns: int) -> list[bytes]:
         """``n`` SEND frames stamped ``t_ns``; updates the window bookkeeping."""
+        if self.peer is not None:
+            return self.build_encrypted(n, self.peer)
         parts = []
         index = self.index
         prefix = self.id_prefix
@@ -138,6 +185,37 @@ class Sender:
         self.counter = k
         self.free -= n
         self.shared.counters.sends += n
+        return parts
+
+    def build_encrypted(self, n: int, peer: pairwise.PeerSessions) -> list[bytes]:
+        """``n`` SEND frames whose payload is the pairwise ciphertext of a
+        100-byte text plaintext carrying the stamp (each message stamped when
+        its encryption starts, so latencies include the sender's encrypt)."""
+        parts = []
+        index = self.index
+        prefix = self.id_prefix
+        to = self.to_packed
+        sent_at = self.sent_at
+        cycle_at = self.cycle_at
+        k = self.counter
+        encrypt = pairwise.encrypt
+        ts_ms = _now_ms()
+        spent = 0
+        for _ in range(n):
+            k += 1
+            mid = prefix + k.to_bytes(8, "big")
+            t0 = perf_counter_ns()
+            payload = encrypt(peer, stamped_plaintext(t0, index, k, ts_ms))
+            spent += perf_counter_ns() - t0
+            parts.append(_SEND_HEAD + mid + to + b"\x81\x01" + _bin_head(len(payload)) + payload)
+            sent_at[mid] = t0
+            cycle_at[mid] = t0
+        self.counter = k
+        self.free -= n
+        c = self.shared.counters
+        c.sends += n
+        c.e2ee_encrypts += n
+        c.e2ee_encrypt_ns += spent
         return parts
 
     def room(self) -> int:
@@ -221,6 +299,8 @@ class Receiver:
         self.shared = shared
         self.expect = 1
         self.ack_per_read = ack_per_read
+        # pairs --e2ee: every MSG payload is decrypted before it is acked.
+        self.keys: ReceiverKeys | None = None
 
     def on_messages(self, conn: Conn, messages: list[bytes], now_ns: int) -> None:
         shared = self.shared
@@ -231,6 +311,8 @@ class Receiver:
         acks: list[bytes] = []
         top_read = 0
         expect = self.expect
+        keys = self.keys
+        now_ms = _now_ms() if keys is not None else 0
         for payload in messages:
             unp.feed(payload)
             top = 0
@@ -239,7 +321,22 @@ class Receiver:
                 if typ == MSG:
                     top = fr[1]
                     c.msgs += 1
-                    t0, _idx, k = unpack(fr[7])
+                    if keys is None:
+                        stamp = fr[7]
+                    else:
+                        started = perf_counter_ns()
+                        try:
+                            got = pairwise.decrypt(
+                                keys.identity, keys.peer, fr[7], keys.sender_identity_key, keys.prekeys, now_ms
+                            )
+                            stamp = _plaintext.decode(got.plaintext)[STAMP_FIELD]
+                        except (E2EEError, KeyError) as exc:
+                            shared.record_e2ee_failure(exc)
+                            continue
+                        keys.peer = got.peer
+                        c.e2ee_decrypt_ns += perf_counter_ns() - started
+                        c.e2ee_decrypts += 1
+                    t0, _idx, k = unpack(stamp)
                     to_msg.append(now_ns - t0)
                     if k == expect:
                         expect += 1

@@ -12,7 +12,12 @@
 
 Optional: ``DEFAULT_TARGETS`` (e.g. ``"fast,pure"``) and ``WANTS_RUNNING = True``
 (``run`` then also gets ``running=``, the :class:`bench.targets.Running`, for
-scenarios that stop and relaunch the relay).
+scenarios that stop and relaunch the relay); ``NO_RELAY = True`` for a
+client-side micro-benchmark (no relay is spawned; it runs once per round as
+target ``client``, ``url`` is ``""``, ``implementation()`` names what it
+measures); ``variants(args) -> [(label, args)]`` to run the same scenario
+with other options against every target, interleaved per round (a non-empty
+label makes the result's target ``NAME+label``, e.g. ``fast+e2ee``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ SCENARIOS: dict[str, str] = {
     "drain": "bench.scenarios.drain",
     "restart": "bench.scenarios.restart",
     "idle": "bench.scenarios.idle",
+    "e2ee": "bench.scenarios.e2ee",
 }
 
 

@@ -8,11 +8,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from bench.e2ee import Device, establish
 from bench.engine import ConnectionLost, Engine
-from bench.proto import open_sessions
+from bench.proto import Session, open_sessions
 from bench.stats import summarize_ns
 from bench.system import CpuMeter
-from bench.workload import Receiver, Sender, Shared
+from bench.workload import Receiver, ReceiverKeys, Sender, Shared
 
 
 class StallError(Exception):
@@ -59,6 +60,8 @@ class PairsHarness:
         self.window = window
         self.closed_loop = closed_loop
         self.setup_seconds = 0.0
+        self.e2ee = getattr(args, "e2ee", "off") == "on"
+        self.e2ee_setup_seconds = 0.0
 
     def setup(self) -> None:
         n = self.args.pairs
@@ -84,6 +87,20 @@ class PairsHarness:
                 sender.closed_loop = self.closed_loop
                 sender.conn = self.engine.add(session, sender)
                 self.senders.append(sender)
+        if self.e2ee:
+            self.setup_e2ee(sessions[n:], sessions[:n])
+
+    def setup_e2ee(self, senders: list[Session], receivers: list[Session]) -> None:
+        """A relay-v1 pairwise session per pair, made in-process (no ``keys.fetch``):
+        each device's identity is the Ed25519 key it registered with, its
+        prekeys are fresh; X3DH and one message each way (:func:`bench.e2ee.establish`)."""
+        t0 = time.monotonic()
+        for s_session, r_session, sender, receiver in zip(senders, receivers, self.senders, self.receivers, strict=True):
+            a = Device.make(s_session.key)
+            b = Device.make(r_session.key)
+            sender.peer, peer_at_b = establish(a, b)
+            receiver.keys = ReceiverKeys(b.identity, b.prekeys, peer_at_b, a.identity_key)
+        self.e2ee_setup_seconds = time.monotonic() - t0
 
     def setup_mqtt(self) -> None:
         """The same pairs over MQTT (target ``mosquitto``): see :mod:`bench.mqtt`."""
@@ -142,7 +159,7 @@ class PairsHarness:
             "send_to_sent": summarize_ns(lat.send_to_sent[marks0[0] : marks1[0]], quantiles),
             "send_to_receipt": summarize_ns(lat.send_to_receipt[marks0[2] : marks1[2]], quantiles),
         }
-        return {
+        result: dict[str, Any] = {
             "measured_seconds": round(wall, 3),
             "warmup_seconds": args.warmup,
             "setup_seconds": round(self.setup_seconds, 3),
@@ -155,9 +172,32 @@ class PairsHarness:
             "run_totals": after,
             "error_samples": list(c.error_samples),
         }
+        if self.e2ee:
+            result["e2ee"] = e2ee_figures(delta, after, self.e2ee_setup_seconds)
+        return result
 
     def close(self) -> None:
         self.engine.close()
+
+
+def e2ee_figures(window: dict[str, int], totals: dict[str, int], setup_seconds: float) -> dict[str, Any]:
+    """Client-side cost measured during the run (``--e2ee``): µs per encrypt
+    (plaintext encode + ``pairwise.encrypt``) and per decrypt
+    (``pairwise.decrypt`` + plaintext decode), over the measured interval."""
+    enc_n, dec_n = window["e2ee_encrypts"], window["e2ee_decrypts"]
+    enc = window["e2ee_encrypt_ns"] / enc_n / 1000 if enc_n else None
+    dec = window["e2ee_decrypt_ns"] / dec_n / 1000 if dec_n else None
+    return {
+        "encrypt_us": None if enc is None else round(enc, 2),
+        "decrypt_us": None if dec is None else round(dec, 2),
+        "message_us": None if enc is None or dec is None else round(enc + dec, 2),
+        "encrypts": enc_n,
+        "decrypts": dec_n,
+        "decrypt_failures": totals["e2ee_failures"],
+        "setup_seconds": round(setup_seconds, 3),
+        "sessions": "in-process X3DH between the bench's own devices (registered identity keys, fresh "
+                    "prekeys, one message each way), no keys.fetch; 100-byte text plaintext, normal-form payloads",
+    }
 
 
 class Guard:
