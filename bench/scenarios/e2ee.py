@@ -4,7 +4,7 @@ No relay is involved (the scenario runs once, as target ``client``, on the
 load generator's core). Every figure is the median over ``--rounds`` rounds
 of the mean time of ``--iterations`` operations (``time.perf_counter_ns``
 around the loop; around each call where two parties alternate), after one
-warm-up round. Devices, prekeys and sessions are made in-process
+warm-up round; the rounds of all figures are interleaved. Devices, prekeys and sessions are made in-process
 (:mod:`bench.e2ee`); the plaintext is a 100-byte ``text`` map.
 
 * **primitives**: X25519 key generation and DH, Ed25519 sign/verify,
@@ -59,8 +59,10 @@ Round = Callable[[int], dict[str, tuple[int, int]]]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--iterations", type=int, default=400, help="operations per round (default 400)")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per figure; the median is reported (default 7)")
+    parser.add_argument("--iterations", type=int, default=200,
+                        help="operations per round (default 200; a quarter of it for the 0.1-0.4 ms calls)")
+    parser.add_argument("--rounds", type=int, default=11,
+                        help="rounds per figure, interleaved across figures; the median is reported (default 11)")
     parser.add_argument(
         "--skipped", type=int, default=1000,
         help="skipped message keys held for the 'with skipped keys' rows (default 1000, 0: leave them out)",
@@ -71,15 +73,22 @@ def implementation() -> str:
     return f"PyNaCl {nacl.__version__}, msgpack {'.'.join(map(str, msgpack.version))}"
 
 
-def measure(fn: Round, n: int, rounds: int) -> dict[str, dict[str, Any]]:
-    """Per name: median / min / max µs per operation over ``rounds`` rounds (after a warm-up)."""
-    fn(max(1, n // 4))
+def measure(fns: list[tuple[Round, int]], rounds: int) -> dict[str, dict[str, Any]]:
+    """Per name: median / min / max µs per operation over ``rounds`` rounds.
+
+    ``fns`` are (round function, iterations); after one warm-up each, the
+    rounds are interleaved (round 1 of every function, then round 2, ...), so
+    a burst of noise on the shared machine lands on one round of many
+    figures rather than on every round of one figure."""
+    for fn, n in fns:
+        fn(max(1, n // 4))
     per: dict[str, list[float]] = {}
     count: dict[str, int] = {}
     for _ in range(rounds):
-        for name, (ns, ops) in fn(n).items():
-            per.setdefault(name, []).append(ns / ops / 1000)
-            count[name] = ops
+        for fn, n in fns:
+            for name, (ns, ops) in fn(n).items():
+                per.setdefault(name, []).append(ns / ops / 1000)
+                count[name] = ops
     return {
         name: {
             "median_us": round(statistics.median(v), 2),
@@ -270,26 +279,24 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
     message = pt.text(pt.decode(plain)["body"], now_ms())
     meter = CpuMeter(None)
     cpu0 = meter.sample()
-    ops: dict[str, dict[str, Any]] = {}
-    for fn in primitive_rounds(plain):
-        ops.update(measure(fn, n, rounds))
-    for fn in setup_rounds(plain):
-        ops.update(measure(fn, max(1, n // 4), rounds))  # 0.1-0.4 ms each
+    slow = max(1, n // 4)  # the calls of 0.1-0.4 ms: session setup, a DH step per message
+    fns: list[tuple[Round, int]] = [(fn, n) for fn in primitive_rounds(plain)]
+    fns += [(fn, slow) for fn in setup_rounds(plain)]
     same, alt = Pair(), Pair()
-    ops.update(measure(one_way(same, plain, "same_direction"), n, rounds))
-    ops.update(measure(alternating(alt, plain), max(1, n // 4), rounds))
     bare = bare_ratchet(plain)
-    ops.update(measure(bare, n, rounds))
+    fns += [(one_way(same, plain, "same_direction"), n), (alternating(alt, plain), slow), (bare, n)]
     pairs = [same, alt, bare.pair]  # type: ignore[attr-defined]
     if args.skipped > 0:
-        fns, held = with_skipped(plain, args.skipped)
-        for fn in fns:
-            ops.update(measure(fn, n, rounds))
+        skipped_fns, held = with_skipped(plain, args.skipped)
+        fns += [(fn, n) for fn in skipped_fns]
         pairs += held
     group, group_failures = group_rounds(plain)
-    ops.update(measure(group, n, rounds))
-    ops.update(measure(loop(lambda: pt.encode(message), "plaintext_encode"), n, rounds))
-    ops.update(measure(loop(lambda: pt.decode(plain), "plaintext_decode"), n, rounds))
+    fns += [
+        (group, n),
+        (loop(lambda: pt.encode(message), "plaintext_encode"), n),
+        (loop(lambda: pt.decode(plain), "plaintext_decode"), n),
+    ]
+    ops = measure(fns, rounds)
 
     def med(name: str) -> float:
         return float(ops[name]["median_us"])
@@ -322,7 +329,7 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
         },
         "round_trip_failures": failures,
         "params": {"iterations": n, "rounds": rounds, "skipped": args.skipped,
-                   "setup_iterations": max(1, n // 4), "alternating_iterations": max(1, n // 4)},
+                   "setup_iterations": slow, "alternating_iterations": slow},
         "cpu": CpuMeter.shares(cpu0, meter.sample()),
         "wall_seconds": round(time.monotonic() - cpu0.wall, 2),
     }
