@@ -125,14 +125,14 @@ KILLER = """
 import os, signal, sys
 import relay.client.keystore as keystore
 
-save = keystore.KeyStore.save
+write = keystore.KeyStore.write
 
-def save_then_die(self):
-    save(self)
-    if any(r.plaintext is not None and not r.taken for r in self.received.values()):
+def write_then_die(self, data):
+    write(self, data)
+    if data is not None and any(r.plaintext is not None and not r.taken for r in self.received.values()):
         os.kill(os.getpid(), signal.SIGKILL)  # decrypted and saved, not yet shown or acked
 
-keystore.KeyStore.save = save_then_die
+keystore.KeyStore.write = write_then_die
 from relay.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -19,8 +19,9 @@ It is saved as one msgpack file, ``<state_dir>/e2ee.state``, written like
 saving the new state happen before the ACK, so a crash between them loses
 nothing: the relay redelivers, and the stored plaintext is handed out.
 
-No trio here; :meth:`KeyStore.save` is a blocking write the client runs in a
-worker thread.
+No trio here: :meth:`KeyStore.snapshot` serializes on the caller's thread,
+:meth:`KeyStore.write` is the blocking write the client runs in a worker
+thread.
 """
 
 from __future__ import annotations
@@ -123,13 +124,25 @@ class KeyStore:
 
     def save(self) -> None:
         """Write the state if it changed (blocking: temp file, fsync, rename)."""
+        self.write(self.snapshot())
+
+    def snapshot(self) -> bytes | None:
+        """The state as bytes if it changed since the last snapshot (marked
+        clean), else None. Cheap enough for the event loop; :meth:`write`
+        does the blocking part, so a worker thread never reads live state."""
         if not self.dirty:
-            return
+            return None
         self.dirty = False
-        if self.path is None:
+        data: bytes = msgpack.packb(self._dump(), use_bin_type=True)
+        return data
+
+    def write(self, data: bytes | None) -> None:
+        """Write a :meth:`snapshot` durably (nothing for None or in memory).
+        On failure the store is marked dirty again and the error raised."""
+        if data is None or self.path is None:
             return
         try:
-            write_private_file(self.path, msgpack.packb(self._dump(), use_bin_type=True))
+            write_private_file(self.path, data)
         except BaseException:
             self.dirty = True
             raise

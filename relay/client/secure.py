@@ -181,9 +181,12 @@ class SecureClient:
         return sealed
 
     async def persist(self) -> None:
+        # Serialized here, written in a thread; the lock keeps an older
+        # snapshot from landing after a newer one.
         async with self._persist_lock:
-            if self.keys.dirty:
-                await trio.to_thread.run_sync(self.keys.save)
+            data = self.keys.snapshot()
+            if data is not None:
+                await trio.to_thread.run_sync(self.keys.write, data)
 
     async def start_sessions(self, user: str, devices: set[int]) -> None:
         result = await self.transport.request(
@@ -254,8 +257,11 @@ class SecureClient:
             except DecodeError:
                 message = None
             if message is not None and message["type"] in plaintext.CONTROL_TYPES:
-                self._apply_control(entry, message)
-                received = Received(None, taken=True)
+                try:
+                    self._apply_control(entry, message)
+                    received = Received(None, taken=True)
+                except E2EEError as exc:
+                    received = Received(None, f"bad {message['type']}: {type(exc).__name__}: {exc}")
         self.keys.remember(key, received)
         await self.persist()
         return None if received.taken else self._message(entry, received)
