@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds per figure, interleaved across figures; the median is reported (default 11)")
     parser.add_argument(
         "--skipped", type=int, default=1000,
-        help="skipped message keys held for the 'with skipped keys' rows (default 1000, 0: leave them out)",
+        help="skipped message keys held for the 'with skipped keys' rows (default 1000, at most 2000; "
+        "0: leave them out)",
     )
 
 
@@ -238,16 +239,30 @@ def bare_ratchet(plain: bytes) -> Round:
     return fn
 
 
+def hold_skipped(pair: Pair, plain: bytes, count: int) -> None:
+    """Leave ``count`` skipped message keys in B's session: A sends, B reads
+    only the last message of each chain (at most ``ratchet.MAX_SKIP`` skipped
+    per chain; B answers once between chains so that A starts a new one)."""
+    if not 0 <= count <= ratchet.MAX_SKIPPED_KEYS:
+        raise ValueError(f"--skipped: 0 .. {ratchet.MAX_SKIPPED_KEYS} (the session's bound)")
+    left = count
+    while left > 0:
+        chunk = min(left, ratchet.MAX_SKIP)
+        held = [pairwise.encrypt(pair.at_a, plain) for _ in range(chunk + 1)]
+        assert pair.a_to_b(held[-1]) == plain
+        left -= chunk
+        if left > 0:
+            assert pair.b_to_a(pairwise.encrypt(pair.at_b, plain)) == plain
+    assert pair.at_b.session.skipped_count == count
+
+
 def with_skipped(plain: bytes, skipped: int) -> tuple[list[Round], list[Pair]]:
     """Same-direction steps while the session holds ``skipped`` skipped keys:
     once at the receiver (every decrypt), once at the sender (every encrypt)."""
     rx = Pair()  # B holds the skipped keys and keeps receiving from A
-    held = [pairwise.encrypt(rx.at_a, plain) for _ in range(skipped + 1)]
-    assert rx.a_to_b(held[-1]) == plain
-    assert rx.at_b.session.skipped_count == skipped
+    hold_skipped(rx, plain, skipped)
     tx = Pair()  # B holds the skipped keys and keeps sending to A
-    held = [pairwise.encrypt(tx.at_a, plain) for _ in range(skipped + 1)]
-    assert tx.a_to_b(held[-1]) == plain
+    hold_skipped(tx, plain, skipped)
     return [
         one_way(rx, plain, "skipped_at_receiver"),
         one_way(tx, plain, "skipped_at_sender", reverse=True),
