@@ -326,16 +326,17 @@ def _decrypt_existing(
     records = peer.records()
     errors: list[E2EEError] = []
     for index in order:
-        session = records[index].session.copy()
         try:
-            plaintext = session.decrypt(msg.header, msg.ciphertext, now_ms)
+            session, plaintext = records[index].session.decrypted(msg.header, msg.ciphertext, now_ms)
         except E2EEError as exc:
             errors.append(exc)
             continue
         # Whatever decrypts in a session we initiated came from the
         # responder, so it has our prekey message: the normal form will do.
         chosen = SessionRecord(session, records[index].origin, pending=False)
-        others = [r.copy() for i, r in enumerate(records) if i != index]
+        # The others are unchanged and only the current session is ever
+        # changed in place (by encrypt), so the new PeerSessions shares them.
+        others = [r for i, r in enumerate(records) if i != index]
         return Decrypted(PeerSessions(peer.their_identity_key, chosen, others), plaintext, None)
     # A message of one session looks like a bad MAC to every other one, so
     # any other refusal (replay, too many skipped) is the one that means something.

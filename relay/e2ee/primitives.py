@@ -7,7 +7,6 @@ fix every key and nonce.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import os
 import struct
@@ -55,7 +54,8 @@ def u32(value: int) -> bytes:
 
 
 def hmac_sha256(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    # hmac.digest is OpenSSL's one-shot HMAC: no Python HMAC object per call.
+    return hmac.digest(key, data, "sha256")
 
 
 def hkdf(ikm: bytes, info: bytes, length: int, salt: bytes = ZERO_SALT) -> bytes:

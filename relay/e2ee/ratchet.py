@@ -120,6 +120,9 @@ class _State:
     # order is insertion order, so the first entry is the one to evict.
     skipped: dict[tuple[bytes, int], tuple[bytes, int]]
     old_chains: list[bytes]
+    # A lower bound of the skipped keys' stored_ms (None: none kept), so a
+    # decrypt looks for expired keys only when one may be there.
+    oldest_at: int | None = None
 
     def copy(self) -> _State:
         return replace(self, skipped=dict(self.skipped), old_chains=list(self.old_chains))
@@ -176,7 +179,8 @@ class Session:
         step. :class:`NoSessionError` for a responder session that has not
         decrypted anything yet (it has no sending chain).
         """
-        st = self._st.copy()
+        # Encrypting never touches the skipped keys or old chains: share them.
+        st = replace(self._st)
         if st.cks is None:
             if st.dhr is None:
                 raise NoSessionError("a responder session cannot send before it has received")
@@ -200,33 +204,16 @@ class Session:
         one chain), :class:`BadKeyError` (a small-order ratchet key),
         :class:`BadMacError` (tampered, or not of this session).
         """
-        hdr = Header.from_bytes(header)
-        st = self._st.copy()
-        _drop_expired(st, now_ms)
-        ad = st.ad + header
-
-        kept = st.skipped.pop((hdr.dh, hdr.n), None)
-        if kept is not None:
-            plaintext = aead_decrypt(kept[0], ciphertext, ad)
-            self._st = st
-            return plaintext
-
-        if hdr.dh in st.old_chains:
-            raise ReplayError("message from a finished chain whose key is used or dropped")
-        if hdr.dh != st.dhr:
-            _dh_ratchet(st, hdr, now_ms)
-        elif st.ckr is None:
-            # The initiator's dhr before any reply is SPK_B, which never sends.
-            raise BadMacError("no receiving chain for this ratchet key")
-        elif hdr.n < st.nr:
-            raise ReplayError("message key already used (or dropped)")
-        _skip(st, hdr.n, now_ms)
-        assert st.ckr is not None
-        st.ckr, key = kdf_ck(st.ckr)
-        st.nr += 1
-        plaintext = aead_decrypt(key, ciphertext, ad)
-        self._st = st
+        self._st, plaintext = _decrypt(self._st, header, ciphertext, now_ms)
         return plaintext
+
+    def decrypted(self, header: bytes, ciphertext: bytes, now_ms: int) -> tuple[Session, bytes]:
+        """Like :meth:`decrypt`, but this session is left as it is and the
+        one that moved on is returned with the plaintext."""
+        st, plaintext = _decrypt(self._st, header, ciphertext, now_ms)
+        return Session(st), plaintext
+
+    # -- persistence -----------------------------------------------------
 
     # -- persistence -----------------------------------------------------
 
@@ -288,7 +275,40 @@ class Session:
                 raise DecodeError("skipped key stored_ms is not an int")
             st.skipped[(dh_pub, n)] = (key, item[3])
         st.old_chains = [expect_bin(k, KEY_BYTES, "old chain key") for k in old]
+        st.oldest_at = min((at for _, at in st.skipped.values()), default=None)
         return cls(st)
+
+
+def _decrypt(base: _State, header: bytes, ciphertext: bytes, now_ms: int) -> tuple[_State, bytes]:
+    """The state after one message and its plaintext; ``base`` is never changed."""
+    hdr = Header.from_bytes(header)
+    in_order = hdr.dh == base.dhr and hdr.n == base.nr and base.ckr is not None
+    expiring = base.oldest_at is not None and now_ms - base.oldest_at >= SKIPPED_KEY_TTL_MS
+    # The usual message (next in the current chain, nothing to expire) leaves
+    # the skipped keys and old chains alone: share them instead of copying.
+    st = replace(base) if in_order and not expiring else base.copy()
+    if expiring:
+        _drop_expired(st, now_ms)
+    ad = st.ad + header
+
+    kept = st.skipped.pop((hdr.dh, hdr.n), None) if st.skipped else None
+    if kept is not None:
+        return st, aead_decrypt(kept[0], ciphertext, ad)
+
+    if hdr.dh in st.old_chains:
+        raise ReplayError("message from a finished chain whose key is used or dropped")
+    if hdr.dh != st.dhr:
+        _dh_ratchet(st, hdr, now_ms)
+    elif st.ckr is None:
+        # The initiator's dhr before any reply is SPK_B, which never sends.
+        raise BadMacError("no receiving chain for this ratchet key")
+    elif hdr.n < st.nr:
+        raise ReplayError("message key already used (or dropped)")
+    _skip(st, hdr.n, now_ms)
+    assert st.ckr is not None
+    st.ckr, key = kdf_ck(st.ckr)
+    st.nr += 1
+    return st, aead_decrypt(key, ciphertext, ad)
 
 
 def _optional_key(value: Any, what: str) -> bytes | None:
@@ -300,6 +320,7 @@ def _drop_expired(st: _State, now_ms: int) -> None:
     stale = [k for k, (_, at) in st.skipped.items() if now_ms - at >= SKIPPED_KEY_TTL_MS]
     for k in stale:
         del st.skipped[k]
+    st.oldest_at = min((at for _, at in st.skipped.values()), default=None)
 
 
 def _skip(st: _State, until: int, now_ms: int) -> None:
@@ -314,6 +335,8 @@ def _skip(st: _State, until: int, now_ms: int) -> None:
     while st.nr < until:
         st.ckr, key = kdf_ck(st.ckr)
         st.skipped[(st.dhr, st.nr)] = (key, now_ms)
+        if st.oldest_at is None or now_ms < st.oldest_at:
+            st.oldest_at = now_ms
         if len(st.skipped) > MAX_SKIPPED_KEYS:
             del st.skipped[next(iter(st.skipped))]
         st.nr += 1
