@@ -482,36 +482,20 @@ async def open_client(
     state_dir: str | os.PathLike[str] | None = None,
     *,
     keys: KeyStore | None = None,
-    register: bool = False,
-    token: str | None = None,
-    reconnect: bool = True,
-    max_in_flight: int = 256,
     connect_timeout: float = 10.0,
-    window: int = 256,
-    keepalive: float = 30.0,
-    close_timeout: float = 5.0,
+    **options: Any,
 ) -> AsyncIterator[SecureClient]:
     """Connect ``identity`` with end-to-end encryption; yields a
     :class:`SecureClient` once READY arrived and the relay has its keys.
 
     The end-to-end state is ``keys``, else the one in ``state_dir``
     (``e2ee.state`` beside ``state.json``), else kept in memory only (for
-    throwaway identities: a restart loses every session). The other options
-    and the errors are those of ``open_transport``."""
+    throwaway identities: a restart loses every session). ``connect_timeout``
+    and the other options (``register``, ``token``, ``reconnect``,
+    ``window``, ...) and the errors are those of ``open_transport``."""
     store = keys if keys is not None else KeyStore.open(state_dir)
     secure = SecureClient(identity, store)
-    async with open_transport(
-        identity,
-        register=register,
-        token=token,
-        reconnect=reconnect,
-        max_in_flight=max_in_flight,
-        connect_timeout=connect_timeout,
-        window=window,
-        keepalive=keepalive,
-        close_timeout=close_timeout,
-        e2e=secure,
-    ) as transport:
+    async with open_transport(identity, connect_timeout=connect_timeout, e2e=secure, **options) as transport:
         secure._transport = transport
         with trio.fail_after(connect_timeout if connect_timeout else math.inf):
             await secure._start()
