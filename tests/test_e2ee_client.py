@@ -216,3 +216,24 @@ async def raw_count(client: SecureClient) -> int:
     count = await client.request("keys.count")
     assert isinstance(count, int)
     return count
+
+
+async def test_a_member_added_later_reads_from_then_on(relay: RelayServer, tmp_path: Path) -> None:
+    ann, ben, cat = [await register(relay, tmp_path, n) for n in ("ann", "ben", "cat")]
+    async with (
+        open_client(ann, tmp_path / "ann") as a,
+        open_client(ben, tmp_path / "ben") as b,
+        open_client(cat, tmp_path / "cat") as c,
+    ):
+        group = (await a.create_group("pair", ["ben"]))["group"]
+        await a.send_group(group, "before cat")
+        before = await next_message(b)
+        assert body(before) == "before cat"
+        await a.add_members(group, ["cat"])
+        await a.send_group(group, "cat is here")
+        assert body(await next_message(b)) == "cat is here"
+        got = await next_message(c)
+        assert body(got) == "cat is here"
+        # cat was given ann's chain as it stood when cat joined: not before.
+        with pytest.raises(E2EEError):
+            c.keys.sender_chains[(group, "ann", 1)].decrypt(group, before.payload)

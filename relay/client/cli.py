@@ -20,7 +20,8 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ import trio
 
 from .errors import AuthError, ClientError, ConnectionClosed, RequestError, SendError
 from .identity import STATE_FILE, DeviceIdentity, valid_user
-from .keystore import E2EE_STATE_FILE, KeyStore
+from .keystore import KeyStore
 from .secure import SecureClient, open_client
 from .types import Entry, Event, GroupInfo, Message, Receipt, Signal
 
@@ -129,14 +130,22 @@ def _load(state: str) -> DeviceIdentity:
         raise _CommandError(f"cannot read the state in {state!r}: {exc}") from None
 
 
-def _connect(identity: DeviceIdentity, state: str, timeout: float) -> Any:
-    """``open_client`` on the state directory, giving up on an unreachable
-    relay after a few seconds (not the whole command's timeout)."""
+@asynccontextmanager
+async def _connect(
+    identity: DeviceIdentity, state: str | Path, timeout: float, *, fresh: bool = False, **options: Any
+) -> AsyncIterator[SecureClient]:
+    """``open_client`` on the state directory (``fresh``: ignoring an
+    ``e2ee.state`` already there), giving up on an unreachable relay after a
+    few seconds rather than the whole command's timeout."""
     try:
-        keys = KeyStore.open(state)
+        keys = KeyStore.open(state, fresh=fresh)
     except ValueError as exc:
         raise _CommandError(str(exc)) from None
-    return open_client(identity, keys=keys, connect_timeout=min(timeout, CONNECT_TIMEOUT_S))
+    try:
+        async with open_client(identity, keys=keys, connect_timeout=min(timeout, CONNECT_TIMEOUT_S), **options) as client:
+            yield client
+    finally:
+        keys.close()
 
 
 async def _changed_identity(client: SecureClient, user: str) -> list[int]:
@@ -241,10 +250,7 @@ def register_handler(args: argparse.Namespace) -> int:
     async def main() -> None:
         # A fresh key store: an e2ee.state left by an earlier failed
         # registration holds prekeys of another identity key.
-        keys = KeyStore(state / E2EE_STATE_FILE)
-        async with open_client(
-            identity, keys=keys, register=True, token=args.token, connect_timeout=args.timeout
-        ):
+        async with _connect(identity, state, args.timeout, fresh=True, register=True, token=args.token):
             pass
         path = identity.save(state)
         _print_json(

@@ -26,11 +26,13 @@ thread.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgpack
 
@@ -44,6 +46,7 @@ from .identity import write_private_file
 __all__ = ["E2EE_STATE_FILE", "KeyStore", "OwnGroup", "Received"]
 
 E2EE_STATE_FILE = "e2ee.state"
+LOCK_FILE = "e2ee.lock"
 _VERSION = 1
 #: Keys of handed-out messages remembered for de-duplication across restarts.
 RECEIVED_KEPT = 10_000
@@ -84,6 +87,7 @@ class KeyStore:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self._lock: IO[str] | None = None
         self.prekeys = PrekeyStore()
         #: id of the signed prekey the relay has, and the highest one-time
         #: prekey id it was sent (0: none).
@@ -103,24 +107,43 @@ class KeyStore:
     # --- persistence ----------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: str | os.PathLike[str] | None) -> KeyStore:
-        """The store of ``state_dir`` (a fresh one if it has none yet); None:
-        in memory only. Raises :class:`ValueError` for an unreadable file."""
+    def open(cls, state_dir: str | os.PathLike[str] | None, *, fresh: bool = False) -> KeyStore:
+        """The store of ``state_dir`` (a fresh one if it has none yet, or with
+        ``fresh``); None: in memory only. Holds the directory's lock until
+        :meth:`close`: two processes saving the same sessions would each
+        lose the other's ratchet steps. Raises :class:`ValueError` for an
+        unreadable file or a directory in use."""
         if state_dir is None:
             return cls(None)
-        path = Path(state_dir) / E2EE_STATE_FILE
-        store = cls(path)
+        directory = Path(state_dir)
+        store = cls(directory / E2EE_STATE_FILE)
+        store._lock = _lock(directory)
         try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return store
-        try:
-            store._load(msgpack.unpackb(raw, raw=False, strict_map_key=False))
-        except (DecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
-            raise ValueError(f"{path}: unreadable end-to-end state: {exc}") from None
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise ValueError(f"{path}: unreadable end-to-end state: {exc!r}") from None
+            if not fresh:
+                store._read()
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    def _read(self) -> None:
+        assert self.path is not None
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            self._load(msgpack.unpackb(raw, raw=False, strict_map_key=False))
+        except (DecodeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ValueError(f"{self.path}: unreadable end-to-end state: {exc}") from None
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise ValueError(f"{self.path}: unreadable end-to-end state: {exc!r}") from None
+
+    def close(self) -> None:
+        """Release the directory's lock (the store stays usable in memory)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def save(self) -> None:
         """Write the state if it changed (blocking: temp file, fsync, rename)."""
@@ -225,3 +248,26 @@ class KeyStore:
             received.plaintext = None
             received.error = None
             self.dirty = True
+
+
+def _lock(directory: Path) -> IO[str]:
+    """An exclusive lock on ``directory`` (created 0700), or ValueError naming its holder."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 - held until close()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise ValueError(
+            f"{directory} is in use by another client of the same device (pid {owner}); "
+            "let it finish first"
+        ) from None
+    with contextlib.suppress(OSError):
+        os.fchmod(handle.fileno(), 0o600)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle

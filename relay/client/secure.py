@@ -489,15 +489,20 @@ async def open_client(
     :class:`SecureClient` once READY arrived and the relay has its keys.
 
     The end-to-end state is ``keys``, else the one in ``state_dir``
-    (``e2ee.state`` beside ``state.json``), else kept in memory only (for
-    throwaway identities: a restart loses every session). ``connect_timeout``
+    (``e2ee.state`` beside ``state.json``, locked while the client runs:
+    :class:`ValueError` if another process has it), else kept in memory only
+    (for throwaway identities: a restart loses every session). ``connect_timeout``
     and the other options (``register``, ``token``, ``reconnect``,
     ``window``, ...) and the errors are those of ``open_transport``."""
     store = keys if keys is not None else KeyStore.open(state_dir)
-    secure = SecureClient(identity, store)
-    async with open_transport(identity, connect_timeout=connect_timeout, e2e=secure, **options) as transport:
-        secure._transport = transport
-        with trio.fail_after(connect_timeout if connect_timeout else math.inf):
-            await secure._start()
-        yield secure
-        await secure.persist()
+    try:
+        secure = SecureClient(identity, store)
+        async with open_transport(identity, connect_timeout=connect_timeout, e2e=secure, **options) as transport:
+            secure._transport = transport
+            with trio.fail_after(connect_timeout if connect_timeout else math.inf):
+                await secure._start()
+            yield secure
+            await secure.persist()
+    finally:
+        if keys is None:
+            store.close()
