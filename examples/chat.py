@@ -37,7 +37,7 @@ async def chat(url: str, state: Path) -> None:
         async with open_client(ident, state / ident.user, register=True):
             pass  # REGISTER -> READY, prekeys published: the account exists, this key is device 1
         ident.save(state / ident.user)
-        print(f"registered {ident.user} (device {ident.device}), state in {state / ident.user}")
+        print(f"registered {ident.user} (device {ident.device}), keys in {state / ident.user} (removed at exit)")
 
     # Later runs would start from the saved state:
     alice = DeviceIdentity.load(state / alice.user)

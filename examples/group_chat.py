@@ -2,7 +2,7 @@
 receipts per member device ("delivered to 2 of 2, read by 2").
 
     python -m relay serve --port 8765 --data /tmp/relay-data &
-    python examples/group_chat.py ws://127.0.0.1:8765/v1
+    python3 examples/group_chat.py ws://127.0.0.1:8765/v1
 
 Group messages are encrypted once with the sender's Sender Keys chain, which
 the library first hands every member device over the pairwise sessions
@@ -17,6 +17,7 @@ import sys
 import trio
 
 from relay.client import (
+    ClientError,
     DeviceIdentity,
     Event,
     KeyStore,
@@ -82,5 +83,8 @@ async def main(url: str) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python examples/group_chat.py ws://HOST:PORT/v1")
-    trio.run(main, sys.argv[1])
+        sys.exit("usage: python3 examples/group_chat.py ws://HOST:PORT/v1")
+    try:
+        trio.run(main, sys.argv[1])
+    except (ClientError, OSError, ValueError) as exc:
+        sys.exit(f"group_chat.py: {exc}")

@@ -99,7 +99,7 @@ async def test_tour_is_encrypted_and_the_relay_holds_no_secret(
         bob = await cli.recv("bob", 2)
         assert bob[1]["text"] == SECRET_2 and bob[1]["group"] == group
 
-        monkeypatch.setattr(sys, "stdin", io.StringIO(SECRET_3))
+        monkeypatch.setattr(sys, "stdin", io.StringIO(SECRET_3 + "\n"))  # as echo writes it
         assert (await cli("send", "--state", cli.state("bob"), "--to", "alice", "-")).one["status"] == "sent"
         # Her own group.changed, the two delivered receipts of her group message, bob's reply.
         entries = await cli.recv("alice", 4)

@@ -237,3 +237,20 @@ async def test_a_member_added_later_reads_from_then_on(relay: RelayServer, tmp_p
         # cat was given ann's chain as it stood when cat joined: not before.
         with pytest.raises(E2EEError):
             c.keys.sender_chains[(group, "ann", 1)].decrypt(group, before.payload)
+
+
+async def test_a_device_that_lost_its_e2ee_state_publishes_again(relay: RelayServer, tmp_path: Path) -> None:
+    alice = await register(relay, tmp_path, "alice")
+    bob = await register(relay, tmp_path, "bob")
+    (tmp_path / "alice" / "e2ee.state").unlink()  # state.json (the identity) survives
+    async with open_client(alice, tmp_path / "alice") as a, open_client(bob, tmp_path / "bob") as b:
+        assert await raw_count(a) == 100  # the relay dropped the prekeys nobody can open
+        await b.send("alice", "to the new prekeys")
+        assert body(await next_message(a)) == "to the new prekeys"
+
+
+async def test_open_client_wants_a_place_for_its_keys(relay: RelayServer, tmp_path: Path) -> None:
+    alice = await register(relay, tmp_path, "alice")
+    with pytest.raises(ValueError, match="state_dir or keys"):
+        async with open_client(alice):
+            pass

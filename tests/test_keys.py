@@ -300,8 +300,8 @@ def _add_device(store: LmdbStore, user: str, device: int, key: bytes) -> None:
         txn.put(user.encode(), msgpack.packb({"devices": devices, "created": record.created}, use_bin_type=True))
 
 
-def _spk(key: nacl.signing.SigningKey, spk_id: int) -> SignedPrekey:
-    pub = os.urandom(32)
+def _spk(key: nacl.signing.SigningKey, spk_id: int, fill: bytes | None = None) -> SignedPrekey:
+    pub = os.urandom(32) if fill is None else fill * 32
     return SignedPrekey(spk_id, pub, key.sign(pub).signature)
 
 
@@ -345,9 +345,28 @@ def test_store_publish_checks_before_writing(store):
     assert _apply(store, PublishKeys("ann", 1, spk, [(1, b"k" * 32)], 1000)) == 1
     stale = _apply(store, PublishKeys("ann", 1, SignedPrekey(4, b"x" * 32, spk.sig), [(2, b"k" * 32)], 1000))
     assert isinstance(stale, FrameError) and stale.code == 409 and "another key" in stale.reason
-    taken = _apply(store, PublishKeys("ann", 1, None, [(i, b"k" * 32) for i in range(20)], 1000))
-    assert isinstance(taken, FrameError) and taken.reason == "prekey ids already stored: [1]"
+    taken = _apply(store, PublishKeys("ann", 1, None, [(i, b"j" * 32) for i in range(20)], 1000))
+    assert isinstance(taken, FrameError) and taken.reason == "prekey ids already stored with another key: [1]"
     assert store.prekey_count("ann", 1) == 1 and store.signed_prekey("ann", 1) == spk
+    # The same id with the same key is a resend: nothing changes, nothing is refused.
+    assert _apply(store, PublishKeys("ann", 1, spk, [(1, b"k" * 32), (2, b"k" * 32)], 1000)) == 2
+    assert _apply(store, PublishKeys("ann", 1, spk, [(1, b"k" * 32), (2, b"k" * 32)], 1000)) == 2
+
+
+def test_store_publish_replace_starts_over(store):
+    k = nacl.signing.SigningKey.generate()
+    _apply(store, RegisterUser("ann", bytes(k.verify_key), 1))
+    _apply(store, PublishKeys("ann", 1, _spk(k, 1), [(i, b"o" * 32) for i in range(1, 6)], 1000))
+    # A device that lost its private keys publishes again from id 1, other keys.
+    new_spk = _spk(k, 1, b"n")
+    again = PublishKeys("ann", 1, new_spk, [(1, b"n" * 32), (2, b"n" * 32)], 1000)
+    refused = _apply(store, again)
+    assert isinstance(refused, FrameError) and refused.code == 409
+    again.replace = True
+    assert _apply(store, again) == 2
+    assert store.signed_prekey("ann", 1) == new_spk
+    bundles = _apply(store, FetchBundles("ann", "ben", 1, None, 10, 1))
+    assert [b.prekey for b in bundles.bundles] == [(1, b"n" * 32)]
     assert isinstance(_apply(store, FetchBundles("nobody", "ann", 1, None, 10, 1)), FrameError)
 
 

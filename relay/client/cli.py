@@ -281,7 +281,8 @@ def send_handler(args: argparse.Namespace) -> int:
         print(f"relay: invalid user name {args.to!r}", file=sys.stderr)
         return 2
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    # From stdin, one trailing newline is the shell's (echo), not the text's.
+    text = sys.stdin.read().removesuffix("\n") if args.text == "-" else args.text
 
     async def main() -> None:
         identity = _load(args.state)
@@ -492,7 +493,8 @@ def _add_group_commands(
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``register``, ``send``, ``recv`` and ``group`` to ``relay``'s subparsers."""
+    """Add ``register``, ``send``, ``recv``, ``group`` and ``safety-number``
+    to ``relay``'s subparsers."""
     p = subparsers.add_parser("register", help="create an account (device 1) and save its key")
     p.add_argument("--server", required=True, help="relay URL, e.g. ws://127.0.0.1:8765/v1")
     p.add_argument("--user", required=True, help="user name: 1-64 of [a-z0-9._-]")

@@ -6,8 +6,9 @@ The state lives in ``<state_dir>/state.json`` (mode 0600, written atomically)::
      "device": 1, "seed": "<base64 of the 32-byte Ed25519 seed>"}
 
 Call :meth:`DeviceIdentity.generate` for a new account, then
-``open_client(identity, register=True)`` and :meth:`DeviceIdentity.save`;
-later :meth:`DeviceIdentity.load` and ``open_client(identity)``.
+``open_client(identity, state_dir, register=True)`` and
+:meth:`DeviceIdentity.save`; later :meth:`DeviceIdentity.load` and
+``open_client(identity, state_dir)``.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class ReceiptTally:
     ::
 
         tally = ReceiptTally()
-        msg_id = await client.submit_group(group, payload)
+        msg_id, ts = await client.send_group(group, "hi all")
         tally.track(msg_id, expected=15)      # devices it goes to, if you know
         ...
         if isinstance(entry, Receipt) and tally.add(entry):

@@ -48,7 +48,7 @@ from relay.e2ee.x3dh import Bundle
 
 from .bookkeeping import SealError
 from .client import RelayClient, open_transport
-from .errors import ClientError, RequestError, SendError
+from .errors import ClientError, ConnectionClosed, RequestError, SendError
 from .identity import DeviceIdentity
 from .keystore import KeyStore, OwnGroup, Received
 from .types import Entry, Event, GroupInfo, Message, Receipt
@@ -109,8 +109,12 @@ class SecureClient:
         return msg_id, await self.transport.wait_sent(msg_id, timeout=timeout)
 
     async def submit(self, to: str, message: str | Mapping[str, Any]) -> bytes:
-        """Like :meth:`send` without waiting for SENT (see ``transport.wait_sent``)."""
+        """Like :meth:`send` without waiting for SENT (see :meth:`wait_sent`)."""
         return await self.transport.submit(to, _encode(message))
+
+    async def wait_sent(self, msg_id: bytes, *, timeout: float | None = None) -> int:
+        """The SENT ts of ``msg_id`` from :meth:`submit`; see ``RelayClient.wait_sent``."""
+        return await self.transport.wait_sent(msg_id, timeout=timeout)
 
     async def send_group(
         self, group: str, message: str | Mapping[str, Any], *, timeout: float | None = None
@@ -358,13 +362,12 @@ class SecureClient:
                 return
             await self.persist()
             args: dict[str, Any] = {"signed_prekey": spk.public(), "prekeys": [p.public() for p in fresh]}
-            try:
-                await self.transport.request("keys.publish", args, retry=True)
-            except RequestError as exc:
-                # A publish resent after a lost answer finds its ids stored.
-                if exc.code != 409:
-                    raise
-                log.info("keys.publish: the relay has these keys already (%s)", exc.reason)
+            if self.keys.published_spk == 0:
+                # The first publish from this state: whatever the relay holds
+                # for this device (a registration retried, a state directory
+                # lost) has no private half here any more.
+                args["replace"] = True
+            await self.transport.request("keys.publish", args, retry=True)
             self.keys.published_spk = spk.id
             if fresh:
                 self.keys.published_opk = max(p.id for p in fresh)
@@ -458,6 +461,8 @@ def _encode(message: str | Mapping[str, Any]) -> bytes:
     """A text or a plaintext map as the profile's plaintext bytes (``ts`` added)."""
     if isinstance(message, str):
         return plaintext.encode(plaintext.text(message, now_ms()))
+    if not isinstance(message, Mapping):
+        raise TypeError(f"a message is a text (str) or a plaintext map with 'type', not {type(message).__name__}")
     body = dict(message)
     body.setdefault("ts", now_ms())
     return plaintext.encode(body)
@@ -488,19 +493,27 @@ async def open_client(
     """Connect ``identity`` with end-to-end encryption; yields a
     :class:`SecureClient` once READY arrived and the relay has its keys.
 
-    The end-to-end state is ``keys``, else the one in ``state_dir``
+    The end-to-end state is ``keys``, or the one in ``state_dir``
     (``e2ee.state`` beside ``state.json``, locked while the client runs:
-    :class:`ValueError` if another process has it), else kept in memory only
-    (for throwaway identities: a restart loses every session). ``connect_timeout``
+    :class:`ValueError` if another process has it). One of them is required:
+    state kept only in memory loses every session and prekey at exit, and
+    whatever waits for the device then cannot be decrypted; for throwaway
+    identities pass ``keys=KeyStore.open(None)`` explicitly. If the relay
+    does not answer the key requests after READY within ``connect_timeout``:
+    :class:`ConnectionClosed`. ``connect_timeout``
     and the other options (``register``, ``token``, ``reconnect``,
     ``window``, ...) and the errors are those of ``open_transport``."""
+    if keys is None and state_dir is None:
+        raise ValueError("open_client needs state_dir or keys (KeyStore.open(None) keeps them in memory)")
     store = keys if keys is not None else KeyStore.open(state_dir)
     try:
         secure = SecureClient(identity, store)
         async with open_transport(identity, connect_timeout=connect_timeout, e2e=secure, **options) as transport:
             secure._transport = transport
-            with trio.fail_after(connect_timeout if connect_timeout else math.inf):
+            with trio.move_on_after(connect_timeout if connect_timeout else math.inf) as scope:
                 await secure._start()
+            if scope.cancelled_caught:
+                raise ConnectionClosed(0, f"the relay did not answer the key requests within {connect_timeout} s")
             yield secure
             await secure.persist()
     finally:

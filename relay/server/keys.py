@@ -120,20 +120,26 @@ class Keys:
         server.requests.register("keys.count", self.count)
 
     async def publish(self, conn: Connection, args: dict[Any, Any]) -> object:
-        """``{signed_prekey?, prekeys?}`` -> ``{count}``; see :class:`PublishKeys` for 404/409/413."""
+        """``{signed_prekey?, prekeys?, replace?}`` -> ``{count}``; see
+        :class:`PublishKeys` for 404/409/413."""
         assert conn.user is not None and conn.device is not None
         settings = self.server.settings
         raw_spk = args.get("signed_prekey")
         spk = None if raw_spk is None else parse_signed_prekey(raw_spk)
         raw_prekeys = args.get("prekeys")
         prekeys = [] if raw_prekeys is None else parse_prekeys(raw_prekeys, settings.max_prekeys_per_publish)
+        replace = args.get("replace", False)
+        if type(replace) is not bool:
+            raise FrameError(BAD_REQUEST, "replace must be true or false")
+        if replace and spk is None:
+            raise FrameError(BAD_REQUEST, "replace needs a signed_prekey")
         if spk is not None:
             record = self.server.store.get_user(conn.user)
             identity_key = None if record is None else record.devices.get(conn.device)
             if identity_key is None or not auth.verify_signed_prekey(identity_key, spk.key, spk.sig):
                 reason = "signed_prekey.sig is not this device's identity key signature over signed_prekey.key"
                 raise FrameError(BAD_REQUEST, reason)
-        op = PublishKeys(conn.user, conn.device, spk, prekeys, settings.max_prekeys_per_device)
+        op = PublishKeys(conn.user, conn.device, spk, prekeys, settings.max_prekeys_per_device, replace)
         result = await self._call(conn.user, op)
         raise_for_result(result)
         assert isinstance(result, int)

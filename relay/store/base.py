@@ -264,9 +264,14 @@ class PublishKeys:
     stored one; None keeps it) and add the one-time ``prekeys`` (id, key).
 
     Result: the number of one-time prekeys stored for the device afterwards.
+    A one-time prekey already stored with the same key is left as it is (a
+    publish resent after a lost answer changes nothing). ``replace`` first
+    drops every stored one-time prekey and the signed prekey: a device that
+    lost its private keys starts over.
+
     Raises ``FrameError(409)`` when no signed prekey is stored and none is
     given, when the signed prekey's id is stored with another key, or when a
-    one-time prekey id is repeated in ``prekeys`` or already stored;
+    one-time prekey id is repeated in ``prekeys`` or stored with another key;
     ``FrameError(413)`` when more than ``max_stored`` would be stored;
     ``FrameError(404)`` for an unknown device. Nothing is stored on error.
     """
@@ -276,6 +281,7 @@ class PublishKeys:
     signed_prekey: SignedPrekey | None
     prekeys: list[tuple[int, bytes]]
     max_stored: int
+    replace: bool = False
 
 
 @dataclass(frozen=True, slots=True)

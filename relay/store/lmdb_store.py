@@ -647,6 +647,10 @@ class _WriteTxn:
         head_key = _prekey_head_key(op.user, op.device)
         raw = txn.get(head_key, db=db)
         stored, count = (None, 0) if raw is None else _decode_prekey_head(raw)
+        prefix = device_prefix(op.user, op.device) + _OPK
+        if op.replace:
+            # Checked before by the caller: replace comes with a signed prekey.
+            stored, count = None, 0
         spk = op.signed_prekey
         if spk is None:
             if stored is None:
@@ -660,16 +664,27 @@ class _WriteTxn:
             (repeated if prekey_id in seen else seen).add(prekey_id)
         if repeated:
             raise FrameError(CONFLICT, f"prekey ids repeated in the request: {_id_list(sorted(repeated))}")
-        prefix = device_prefix(op.user, op.device) + _OPK
-        taken = sorted(i for i in seen if txn.get(prefix + _U32.pack(i), db=db) is not None)
+        fresh = []
+        taken = []
+        for prekey_id, key in op.prekeys:
+            current = None if op.replace else txn.get(prefix + _U32.pack(prekey_id), db=db)
+            if current is None:
+                fresh.append((prekey_id, key))
+            elif current != key:
+                taken.append(prekey_id)
         if taken:
-            raise FrameError(CONFLICT, f"prekey ids already stored: {_id_list(taken)}")
-        total = count + len(op.prekeys)
+            raise FrameError(CONFLICT, f"prekey ids already stored with another key: {_id_list(sorted(taken))}")
+        total = count + len(fresh)
         if total > op.max_stored:
             raise FrameError(
-                TOO_LARGE, f"{count} prekeys stored + {len(op.prekeys)} would exceed {op.max_stored} per device"
+                TOO_LARGE, f"{count} prekeys stored + {len(fresh)} would exceed {op.max_stored} per device"
             )
-        for prekey_id, key in op.prekeys:
+        if op.replace:
+            cursor = txn.cursor(db=db)
+            positioned = cursor.set_range(prefix)
+            while positioned and bytes(cursor.key()).startswith(prefix):
+                positioned = cursor.delete() and len(cursor.key()) > 0
+        for prekey_id, key in fresh:
             txn.put(prefix + _U32.pack(prekey_id), key, db=db)
         txn.put(head_key, _encode_prekey_head(spk, total), db=db)
         return total
