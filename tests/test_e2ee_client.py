@@ -254,3 +254,53 @@ async def test_open_client_wants_a_place_for_its_keys(relay: RelayServer, tmp_pa
     with pytest.raises(ValueError, match="state_dir or keys"):
         async with open_client(alice):
             pass
+
+
+async def test_a_group_message_before_its_sender_key_waits_for_it(relay: RelayServer, tmp_path: Path) -> None:
+    from relay.e2ee import plaintext
+
+    ann, ben = await register(relay, tmp_path, "ann"), await register(relay, tmp_path, "ben")
+    async with open_client(ann, tmp_path / "ann") as a, open_client(ben, tmp_path / "ben") as b:
+        group = (await a.create_group("pair", ["ben"]))["group"]
+        await a.send_group(group, "first")  # hands out the chain: ben has it
+        assert body(await next_message(b)) == "first"
+        # Another client might send the group message before the skdm of a
+        # new chain: do that by hand.
+        from relay.client.keystore import OwnGroup
+        from relay.e2ee.sender_keys import OwnChain
+
+        own = a.keys.own_groups[group]
+        fresh = OwnGroup(OwnChain.generate(avoid=(own.chain.chain_id,)), own.members, own.devices)
+        a.keys.own_groups[group] = fresh
+        skdm = fresh.chain.distribution(group, 1)  # the chain as it stands before "early"
+        await a.transport.send_group(group, fresh.chain.encrypt(group, plaintext.encode(plaintext.text("early", 1))))
+        await a.send("ben", skdm)  # ... but it is sent after it
+        message = await next_message(b)
+        assert body(message) == "early" and message.group == group
+
+
+async def test_an_interrupted_receive_loses_nothing(relay: RelayServer, tmp_path: Path) -> None:
+    alice, bob = await register(relay, tmp_path, "alice"), await register(relay, tmp_path, "bob")
+    async with open_client(alice, tmp_path / "alice") as a, open_client(bob, tmp_path / "bob") as b:
+        calls = 0
+        real = b._refresh_devices
+
+        async def flaky(user: str) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                from relay.client import RequestError
+
+                raise RequestError(503, "overloaded")
+            if calls == 2:
+                await trio.sleep(10)  # cancelled by the caller's deadline
+            await real(user)
+
+        b._refresh_devices = flaky  # type: ignore[method-assign]
+        await a.send("bob", "one")
+        await a.send("bob", "two")
+        with pytest.raises(Exception, match="overloaded"):
+            await b.receive()
+        with trio.move_on_after(0.5):
+            await b.receive()
+        assert [body(await next_message(b)) for _ in range(2)] == ["one", "two"]

@@ -111,6 +111,11 @@ class EndToEnd(Protocol):
         """A fresh ``devices.list`` answer for ``user`` (identity keys included)."""
         ...
 
+    def ready(self) -> Entry | None:
+        """An entry the layer has ready on its own, already acked (a group
+        message held until its sender key arrived), or None."""
+        ...
+
     def handed_out(self, entry: Entry) -> None:
         """``entry`` (from :meth:`open`) is handed to the application now: a
         redelivery of it is to be swallowed (saved before the ACK)."""
@@ -347,6 +352,8 @@ class RelayClient:
         self._e2e = e2e
         self._seal: Seal | None = None if e2e is None else e2e.seal
         self._session_setups: set[str] = set()  # users whose sessions are being set up
+        # The entry receive() is opening (end-to-end), until it is taken.
+        self._opening: tuple[int, int, Entry] | None = None
 
         self._connection = 0  # number of the current (or last) connection
         self._connections = 0  # connections that reached READY
@@ -516,13 +523,24 @@ class RelayClient:
         while True:
             if self._fatal is not None:
                 raise _copy_error(self._fatal)
-            try:
-                connection, seq, entry = await self._entry_recv.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                raise _copy_error(self._fatal or ConnectionClosed(0, "client closed")) from None
+            if self._e2e is not None:
+                ready = self._e2e.ready()
+                if ready is not None:
+                    self._e2e.handed_out(ready)
+                    return ready
+            if self._opening is not None:
+                # A caller was cancelled (or open() raised) while this entry
+                # was being opened: it is not acked, so open it again.
+                connection, seq, entry = self._opening
+            else:
+                try:
+                    connection, seq, entry = await self._entry_recv.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    raise _copy_error(self._fatal or ConnectionClosed(0, "client closed")) from None
             if isinstance(entry, Signal):
                 return entry
             if connection != self._connection:
+                self._opening = None
                 continue  # from a lost connection: the relay redelivers it
             key = (
                 (entry.from_user, entry.from_device, entry.msg_id)
@@ -531,8 +549,11 @@ class RelayClient:
             )
             opened: Entry | None = entry
             if self._e2e is not None and self._inbox.fresh(seq, key):
-                # Decrypt and save before the entry can be acked.
+                # Decrypt and save before the entry can be acked; open() is
+                # idempotent, so an interrupted one is simply run again.
+                self._opening = (connection, seq, entry)
                 opened = await self._e2e.open(entry)
+                self._opening = None
                 if connection != self._connection:
                     continue  # redelivered on the new connection; saved state swallows or shows it
             fresh, wake = self._inbox.take(seq, key, trio.current_time())
@@ -750,12 +771,20 @@ class RelayClient:
         """Have the end-to-end layer set up sessions with ``devices`` of
         ``user``; on failure fail the SENDs to that user."""
         assert self._e2e is not None
+        delay = 0.2
         try:
-            await self._e2e.start_sessions(user, devices)
+            for attempt in range(5):
+                try:
+                    await self._e2e.start_sessions(user, devices)
+                    return
+                except RequestError as exc:
+                    if exc.code in _LOOKUP_RETRY and attempt < 4:
+                        await trio.sleep(delay)  # 429 (keys.fetch rate) or an overloaded relay
+                        delay *= 2
+                        continue
+                    raise SendError(exc.code, f"cannot set up a session with {user!r}: {exc.reason}") from None
         except SendError as exc:
             self._fail_user(user, exc)
-        except RequestError as exc:
-            self._fail_user(user, SendError(exc.code, f"cannot set up a session with {user!r}: {exc.reason}"))
         except ClientError:
             return  # closed or dead: the sends fail with that
         finally:

@@ -12,7 +12,8 @@
   and the chains received from every other member device;
 - the messages decrypted but not yet handed to the application, and the keys
   of those handed out (so a redelivered entry is shown once);
-- the msg_ids of the control messages it sent (their receipts are swallowed).
+- the msg_ids of the control messages it sent (their receipts are swallowed);
+- group messages that arrived before their sender key (opened once it comes).
 
 It is saved as one msgpack file, ``<state_dir>/e2ee.state``, written like
 ``state.json``: temp file, fsync, rename, mode 0600. Decrypting a message and
@@ -93,6 +94,8 @@ class KeyStore:
         #: prekey id it was sent (0: none).
         self.published_spk = 0
         self.published_opk = 0
+        #: The first publish from this state (``replace: true``) was answered.
+        self.replace_confirmed = False
         self.peers: dict[Device, PeerSessions] = {}
         self.contacts: dict[Device, bytes] = {}
         self.changed: set[Device] = set()
@@ -102,6 +105,9 @@ class KeyStore:
         #: msg_ids of control messages this device sent (skdm): their
         #: receipts concern no message the user wrote, so they are swallowed.
         self.control_sent: OrderedDict[bytes, None] = OrderedDict()
+        #: Group messages that came before their sender key, per (group,
+        #: sender, device): [msg_id, ts, payload], opened when the skdm comes.
+        self.waiting: dict[tuple[str, str, int], list[list[Any]]] = {}
         self.dirty = False
 
     # --- persistence ----------------------------------------------------------
@@ -174,7 +180,7 @@ class KeyStore:
         return {
             "version": _VERSION,
             "prekeys": self.prekeys.to_dict(),
-            "published": [self.published_spk, self.published_opk],
+            "published": [self.published_spk, self.published_opk, self.replace_confirmed],
             "peers": [[u, d, p.to_dict()] for (u, d), p in self.peers.items()],
             "contacts": [[u, d, k, (u, d) in self.changed] for (u, d), k in self.contacts.items()],
             "own_groups": [
@@ -184,13 +190,15 @@ class KeyStore:
             "sender_chains": [[g, u, d, c.to_dict()] for (g, u, d), c in self.sender_chains.items()],
             "received": [[u, d, m, r.plaintext, r.error, r.taken] for (u, d, m), r in self.received.items()],
             "control_sent": list(self.control_sent),
+            "waiting": [[g, u, d, items] for (g, u, d), items in self.waiting.items()],
         }
 
     def _load(self, data: dict[str, Any]) -> None:
         if data.get("version") != _VERSION:
             raise ValueError(f"unsupported version {data.get('version')!r}")
         self.prekeys = PrekeyStore.from_dict(data["prekeys"])
-        self.published_spk, self.published_opk = (int(x) for x in data["published"])
+        spk, opk, confirmed = data["published"]
+        self.published_spk, self.published_opk, self.replace_confirmed = int(spk), int(opk), bool(confirmed)
         self.peers = {(u, int(d)): PeerSessions.from_dict(p) for u, d, p in data["peers"]}
         for u, d, key, changed in data["contacts"]:
             self.contacts[(u, int(d))] = bytes(key)
@@ -207,6 +215,7 @@ class KeyStore:
         for u, d, m, plaintext, error, taken in data["received"]:
             self.received[(u, int(d), bytes(m))] = Received(plaintext, error, bool(taken))
         self.control_sent = OrderedDict((bytes(m), None) for m in data["control_sent"])
+        self.waiting = {(g, u, int(d)): [list(i) for i in items] for g, u, d, items in data["waiting"]}
 
     # --- contacts -------------------------------------------------------------
 

@@ -32,11 +32,11 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgpack
 import trio
 
 from relay.e2ee import pairwise, plaintext
@@ -59,6 +59,12 @@ log = logging.getLogger("relay.client")
 
 #: Refill one-time prekeys when the relay holds fewer than this at connect.
 _LOW_PREKEYS = 10
+#: Rounds of "hand the chain out, check the members" before a group send.
+_GROUP_ATTEMPTS = 3
+#: Group messages kept per sender device while its key has not come.
+_WAITING_MAX = 1000
+#: How often a long-lived client checks whether its signed prekey is due.
+_ROTATE_CHECK_S = 3600.0
 
 
 def now_ms() -> int:
@@ -81,6 +87,8 @@ class SecureClient:
         self._group_locks: dict[str, trio.Lock] = {}
         self._persist_lock = trio.Lock()
         self._publish_lock = trio.Lock()
+        # Held group messages opened when their key came, to hand out.
+        self._ready: deque[Message] = deque()
 
     @property
     def transport(self) -> RelayClient:
@@ -129,12 +137,22 @@ class SecureClient:
         group, :class:`SendError` as :meth:`send`."""
         data = _encode(message)
         async with self._group_locks.setdefault(group, trio.Lock()):
-            own = await self._prepare_group(group, timeout)
+            for _ in range(_GROUP_ATTEMPTS):
+                own, handed_out = await self._prepare_group(group, timeout)
+                if not handed_out:
+                    break
+                # Only a round that had to hand the chain out asks again:
+                # someone removed meanwhile must not be left holding it.
+                members = (await self.transport.group_info(group))["members"]
+                if all(m in members for m in own.members):
+                    break
             payload = own.chain.encrypt(group, data)
             self.keys.dirty = True
         return await self.transport.send_group(group, payload, timeout=timeout)
 
-    async def _prepare_group(self, group: str, timeout: float | None) -> OwnGroup:
+    async def _prepare_group(self, group: str, timeout: float | None) -> tuple[OwnGroup, bool]:
+        """This device's chain for ``group``, new if someone left, and
+        whether it had to be handed to some member device now."""
         info = await self.transport.group_info(group)
         members = list(info["members"])
         me = (self.user, self.device)
@@ -161,7 +179,7 @@ class SecureClient:
             # One SEND reaches every device of its user.
             own.distributed |= {dev for dev in devices if dev[0] in users}
             self.keys.dirty = True
-        return own
+        return own, bool(missing)
 
     async def devices_of(self, user: str) -> tuple[int, ...]:
         """The devices of ``user`` (cached; ``devices.list`` when unknown)."""
@@ -171,7 +189,9 @@ class SecureClient:
 
     @property
     def dirty(self) -> bool:
-        return self.keys.dirty
+        # A write in flight counts: its snapshot cleared the flag, but what
+        # the writer is about to send may depend on it being on disk.
+        return self.keys.dirty or self._persist_lock.locked()
 
     def seal(self, to: str, device: int, payload: bytes) -> bytes | None:
         peer = self.keys.peers.get((to, device))
@@ -252,6 +272,14 @@ class SecureClient:
             return None if seen.taken else self._message(entry, seen)
         try:
             data = await self._decrypt(entry)
+        except NoSessionError as exc:
+            if entry.group is None or not self._hold(entry):
+                received = Received(None, f"cannot decrypt: {type(exc).__name__}: {exc}")
+            else:
+                # Held until the sender's key comes; a redelivery is swallowed.
+                self.keys.remember(key, Received(None, taken=True))
+                await self.persist()
+                return None
         except E2EEError as exc:
             received = Received(None, f"cannot decrypt: {type(exc).__name__}: {exc}")
         else:
@@ -303,12 +331,47 @@ class SecureClient:
             if entry.group is not None:
                 log.warning("skdm from %s arrived as a group message; ignored", entry.from_user)
                 return
-            group = message["group"]
-            chains = self.keys.sender_chains.get((group, entry.from_user, entry.from_device))
+            key = (message["group"], entry.from_user, entry.from_device)
+            chains = self.keys.sender_chains.get(key)
             if chains is None:
-                chains = self.keys.sender_chains[(group, entry.from_user, entry.from_device)] = SenderChains()
+                chains = self.keys.sender_chains[key] = SenderChains()
             chains.add(message)
             self.keys.dirty = True
+            self._release_waiting(key, chains)
+
+    def _hold(self, entry: Message) -> bool:
+        """Keep a group message whose sender key has not come yet (the
+        profile does not order the skdm before the message). False when the
+        sender already has that many waiting: it is shown as undecryptable."""
+        assert entry.group is not None
+        waiting = self.keys.waiting.setdefault((entry.group, entry.from_user, entry.from_device), [])
+        if len(waiting) >= _WAITING_MAX:
+            return False
+        waiting.append([entry.msg_id, entry.ts, entry.payload])
+        self.keys.dirty = True
+        return True
+
+    def _release_waiting(self, key: tuple[str, str, int], chains: SenderChains) -> None:
+        """Open the messages held for this sender key; they are handed out by
+        :meth:`ready` (they were acked when they were held)."""
+        group, user, device = key
+        for msg_id, ts, payload in self.keys.waiting.pop(key, []):
+            try:
+                received = Received(chains.decrypt(group, payload))
+            except E2EEError as exc:
+                received = Received(None, f"cannot decrypt: {type(exc).__name__}: {exc}")
+            message_key = (user, device, msg_id)
+            self.keys.remember(message_key, received)
+            self._ready.append(Message(0, msg_id, user, device, group, ts, payload))
+        self.keys.dirty = True
+
+    def ready(self) -> Entry | None:
+        while self._ready:
+            entry = self._ready.popleft()
+            received = self.keys.received.get((entry.from_user, entry.from_device, entry.msg_id))
+            if received is not None and not received.taken:
+                return self._message(entry, received)
+        return None
 
     def _message(self, entry: Message, received: Received) -> Message:
         decoded: dict[str, Any] | None = None
@@ -332,47 +395,63 @@ class SecureClient:
         )
 
     async def _refresh_devices(self, user: str) -> None:
+        """``devices.list`` of ``user`` into the contacts. A failure is raised
+        (:class:`RequestError`), not taken as a mismatch: the entry being
+        opened is not acked and is opened again by the next receive()."""
+        result = await self.transport.request("devices.list", {"user": user}, retry=True)
         try:
-            result = await self.transport.request("devices.list", {"user": user}, retry=True)
             self.on_devices(user, result["devices"])
-        except (RequestError, KeyError, TypeError) as exc:
-            log.warning("cannot check the identity key of %s: %s", user, exc)
+        except (KeyError, TypeError) as exc:
+            raise RequestError(0, f"malformed devices.list answer for {user!r}: {exc!r}") from None
 
     # ------------------------------------------------------------- prekeys
 
     async def publish_keys(self, *, refill: bool = False) -> None:
         """Publish what the relay lacks: a new signed prekey when the current
-        one is a week old (or none), and one-time prekeys not published yet
-        (a new batch with ``refill``). The private halves are saved before
-        the relay sees the public ones."""
+        one is a week old (or none), and one-time prekeys (a new batch with
+        ``refill``).
+
+        The private halves are saved before the relay sees the public ones,
+        and each one-time prekey is sent at most once: it counts as published
+        before the request goes out and the request is never resent (a
+        resend could put back one the relay has handed out meanwhile). A
+        publish whose answer is lost leaves the relay with fewer prekeys,
+        which ``keys.count`` at the next connect or ``keys.low`` makes up.
+        The first publish from this state carries ``replace``, with a fresh
+        batch each time until one is answered: whatever the relay held for
+        this device before has no private half here."""
         async with self._publish_lock:
-            prekeys = self.keys.prekeys
+            keys, prekeys = self.keys, self.keys.prekeys
             now = now_ms()
             prekeys.expire(now)
             if prekeys.needs_rotation(now):
                 prekeys.new_signed_prekey(self.identity.signing_key, now)
-                self.keys.dirty = True
-            if refill or self.keys.published_opk == 0:
-                prekeys.new_one_time_prekeys(OPK_BATCH)
-                self.keys.dirty = True
+                keys.dirty = True
             spk = prekeys.current_signed_prekey
             assert spk is not None
-            fresh = prekeys.one_time_prekeys_after(self.keys.published_opk)
-            if spk.id == self.keys.published_spk and not fresh:
+            replace = not keys.replace_confirmed
+            if replace or refill:
+                prekeys.new_one_time_prekeys(OPK_BATCH)
+            fresh = prekeys.one_time_prekeys_after(keys.published_opk)
+            if spk.id == keys.published_spk and not fresh and not replace:
                 return
-            await self.persist()
             args: dict[str, Any] = {"signed_prekey": spk.public(), "prekeys": [p.public() for p in fresh]}
-            if self.keys.published_spk == 0:
-                # The first publish from this state: whatever the relay holds
-                # for this device (a registration retried, a state directory
-                # lost) has no private half here any more.
+            if replace:
                 args["replace"] = True
-            await self.transport.request("keys.publish", args, retry=True)
-            self.keys.published_spk = spk.id
+            keys.published_spk = spk.id
             if fresh:
-                self.keys.published_opk = max(p.id for p in fresh)
-            self.keys.dirty = True
+                keys.published_opk = max(p.id for p in fresh)
+            keys.dirty = True
             await self.persist()
+            try:
+                await self.transport.request("keys.publish", args)
+            except ConnectionClosed as exc:
+                log.info("keys.publish may not have reached the relay (%s); keys.count will tell", exc)
+                return
+            if replace:
+                keys.replace_confirmed = True
+                keys.dirty = True
+                await self.persist()
 
     async def _refill_quietly(self) -> None:
         try:
@@ -386,6 +465,16 @@ class SecureClient:
         count = await self.transport.request("keys.count", {}, retry=True)
         if isinstance(count, int) and count < _LOW_PREKEYS:
             await self.publish_keys(refill=True)
+
+    async def _rotate_forever(self) -> None:
+        """A client that stays connected for weeks still rotates its signed
+        prekey weekly (publish_keys does nothing until it is due)."""
+        while True:
+            await trio.sleep(_ROTATE_CHECK_S)
+            try:
+                await self.publish_keys()
+            except ClientError as exc:
+                log.warning("could not rotate the signed prekey: %s", exc)
 
     # ---------------------------------------------------------- safety numbers
 
@@ -469,16 +558,12 @@ def _encode(message: str | Mapping[str, Any]) -> bytes:
 
 
 def _prekey_identity(payload: bytes) -> bytes | None:
-    """IK_A of a prekey-form pairwise payload, else None (no full decode)."""
-    if not payload or payload[0] != 0x97:  # fixarray of 7: [2, IK_A, ...]
-        return None
+    """IK_A of a prekey-form pairwise payload, else None."""
     try:
-        obj = msgpack.unpackb(payload, raw=False)
-    except Exception:  # the real decode reports it
-        return None
-    if isinstance(obj, list) and obj and obj[0] == 2 and isinstance(obj[1], bytes):
-        return bytes(obj[1])
-    return None
+        decoded = pairwise.decode_payload(payload)
+    except DecodeError:
+        return None  # pairwise.decrypt reports it
+    return None if decoded.prekey is None else decoded.prekey.identity_key
 
 
 @asynccontextmanager
@@ -514,6 +599,7 @@ async def open_client(
                 await secure._start()
             if scope.cancelled_caught:
                 raise ConnectionClosed(0, f"the relay did not answer the key requests within {connect_timeout} s")
+            transport.spawn(secure._rotate_forever)
             yield secure
             await secure.persist()
     finally:
