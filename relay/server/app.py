@@ -12,7 +12,6 @@ with signal handling. Task tree::
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from relay.config import Settings
 from relay.errors import CLOSE_GOING_AWAY, ConfigError
 from relay.server.clock import now_ms
 from relay.server.connection import Connection, encode_close
+from relay.server.context import ServerContext
 from relay.server.flush import OutputBatch
 from relay.server.groups import Groups
 from relay.server.keys import Keys
@@ -33,7 +33,7 @@ from relay.server.parking import ParkingLot
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
 from relay.server.writer import GroupCommitWriter
-from relay.store.base import Appended, AppendEntries, ExpireEntries, group_of_body
+from relay.store.base import ExpireEntries
 from relay.store.lmdb_store import LmdbStore
 
 log = logging.getLogger(__name__)
@@ -70,18 +70,17 @@ class RelayServer:
             )
             for i in range(self.store.shards)
         ]
+        # What the handlers below share; none of them sees the server.
+        self.ctx = ServerContext(settings, self.fastpath, self.store, self.router, self.writers, self.output_batch)
+        # (user, device) -> seq acked but whose delete is not committed yet.
+        self.ack_floors = self.ctx.ack_floors
         self.requests = RequestHandler(self)
         self.groups = Groups(self)
         self.keys = Keys(self)
         self.heap = HeapTrimmer(load_malloc_trim())
         self.parking = ParkingLot(self)
         self.connections: set[Connection] = set()
-        # (user, device) -> seq acked but whose delete is not committed yet, so
-        # a reconnect right after an ACK does not see those entries again.
-        self.ack_floors: dict[tuple[str, int], int] = {}
         self.port: int | None = None
-        self.shutting_down = False
-        self._nursery: trio.Nursery | None = None
         self._accept_scope = trio.CancelScope()
         self._shutdown_event = trio.Event()
 
@@ -89,41 +88,23 @@ class RelayServer:
     def url(self) -> str:
         return f"ws://{self.settings.host}:{self.port}/v1"
 
+    @property
+    def shutting_down(self) -> bool:
+        return self.ctx.shutting_down
+
     def writer_for(self, user: str) -> GroupCommitWriter:
-        return self.writers[self.store.shard_of(user)]
+        return self.ctx.writer_for(user)
 
     def writer_for_group_body(self, body_key: bytes) -> GroupCommitWriter:
-        return self.writer_for(group_of_body(body_key))
+        return self.ctx.writer_for_group_body(body_key)
 
     def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         """Run a job that must outlive the connection that started it."""
-        assert self._nursery is not None
-        try:
-            self._nursery.start_soon(fn, *args)
-        except RuntimeError:
-            # The nursery is closed: the relay is stopping and the job is
-            # dropped (every such job is one a restart redoes or can lose).
-            log.debug("dropped %r during shutdown", fn)
+        self.ctx.spawn(fn, *args)
 
     async def append_to_users(self, users: tuple[str, ...] | list[str], type_: int, count: int, tail: bytes, created: int) -> None:
         """Append one entry to every device inbox of ``users``; return once all committed."""
-        remaining = len(users)
-        done = trio.Event()
-
-        def committed(user: str, result: object) -> None:
-            nonlocal remaining
-            if isinstance(result, Appended):
-                self.router.deliver(user, result.entries)
-            remaining -= 1
-            if remaining == 0:
-                done.set()
-
-        if not users:
-            return
-        for user in users:
-            op = AppendEntries(user, type_, count, [tail], created)
-            await self.writer_for(user).submit(op, functools.partial(committed, user))
-        await done.wait()
+        await self.ctx.append_to_users(users, type_, count, tail, created)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -144,7 +125,7 @@ class RelayServer:
                 for writer in self.writers:
                     await writers_nursery.start(writer.run)
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
+                    self.ctx.nursery = nursery
                     listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
                     self.port = listeners[0].socket.getsockname()[1]
                     nursery.start_soon(self._sweep_forever)
@@ -186,7 +167,7 @@ class RelayServer:
 
     def shutdown(self) -> None:
         """Stop accepting, close every connection with 1001, commit, return from :meth:`run`."""
-        self.shutting_down = True
+        self.ctx.shutting_down = True
         self._shutdown_event.set()
 
     async def _wait_shutdown(self) -> None:
