@@ -74,9 +74,9 @@ class RelayServer:
         self.ctx = ServerContext(settings, self.fastpath, self.store, self.router, self.writers, self.output_batch)
         # (user, device) -> seq acked but whose delete is not committed yet.
         self.ack_floors = self.ctx.ack_floors
-        self.requests = RequestHandler(self)
-        self.groups = Groups(self)
-        self.keys = Keys(self)
+        self.requests = RequestHandler(self.ctx)
+        self.groups = Groups(self.ctx, self.requests)
+        self.keys = Keys(self.ctx, self.requests)
         self.heap = HeapTrimmer(load_malloc_trim())
         self.parking = ParkingLot(self)
         self.connections: set[Connection] = set()

@@ -11,8 +11,6 @@ carrying the ERROR and the close code 1008 that PROTOCOL.md asks for.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
@@ -30,10 +28,8 @@ from relay.errors import (
 )
 from relay.protocol import frames
 from relay.server.clock import now_ms
+from relay.server.context import ServerContext
 from relay.store.base import RegisterUser
-
-if TYPE_CHECKING:
-    from relay.server.app import RelayServer
 
 AUTH_CONTEXT = b"relay-auth-v1"
 
@@ -56,28 +52,28 @@ def verify_signed_prekey(identity_key: bytes, prekey: bytes, sig: bytes) -> bool
     return verify(identity_key, prekey, sig)
 
 
-def check_auth(server: RelayServer, challenge: bytes, event: frames.Auth) -> tuple[str, int]:
+def check_auth(ctx: ServerContext, challenge: bytes, event: frames.Auth) -> tuple[str, int]:
     """An existing device: unknown user, unknown device and bad signature are one 401."""
-    record = server.store.get_user(event.user)
+    record = ctx.store.get_user(event.user)
     key = None if record is None else record.devices.get(event.device)
-    if key is None or not verify(key, signed_message(server.settings.server_name, challenge), event.sig):
+    if key is None or not verify(key, signed_message(ctx.settings.server_name, challenge), event.sig):
         raise FrameError(UNAUTHORIZED, "authentication failed", ref=frames.AUTH, close=CLOSE_POLICY)
     return event.user, event.device
 
 
-async def register(server: RelayServer, challenge: bytes, event: frames.Register) -> tuple[str, int]:
+async def register(ctx: ServerContext, challenge: bytes, event: frames.Register) -> tuple[str, int]:
     """A new account: token, usable key, signature, then the durable record (device 1)."""
     ref = frames.REGISTER
-    token = server.settings.registration_token
+    token = ctx.settings.registration_token
     if token is not None and event.token != token:
         raise FrameError(FORBIDDEN, "registration token refused", ref=ref, close=CLOSE_POLICY)
     try:
         nacl.bindings.crypto_sign_ed25519_pk_to_curve25519(event.identity_key)
     except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, ValueError):
         raise FrameError(BAD_REQUEST, "identity_key is not a usable Ed25519 key", ref=ref, close=CLOSE_POLICY) from None
-    if not verify(event.identity_key, signed_message(server.settings.server_name, challenge), event.sig):
+    if not verify(event.identity_key, signed_message(ctx.settings.server_name, challenge), event.sig):
         raise FrameError(UNAUTHORIZED, "bad signature", ref=ref, close=CLOSE_POLICY)
-    result = await server.writer_for(event.user).call(RegisterUser(event.user, event.identity_key, now_ms()))
+    result = await ctx.writer_for(event.user).call(RegisterUser(event.user, event.identity_key, now_ms()))
     if isinstance(result, FrameError):
         result.ref, result.close = ref, CLOSE_POLICY
         raise result

@@ -505,10 +505,10 @@ class Connection:
     # --- authentication -------------------------------------------------------
 
     async def _serve_auth(self, event: frames.Auth) -> None:
-        self._attach(*auth.check_auth(self.server, self.challenge, event))
+        self._attach(*auth.check_auth(self.server.ctx, self.challenge, event))
 
     async def _serve_register(self, event: frames.Register) -> None:
-        self._attach(*await auth.register(self.server, self.challenge, event))
+        self._attach(*await auth.register(self.server.ctx, self.challenge, event))
 
     def _attach(self, user: str, device: int) -> None:
         self.user, self.device = user, device

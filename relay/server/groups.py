@@ -23,7 +23,7 @@ import functools
 import os
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -37,7 +37,8 @@ from relay.errors import (
 from relay.protocol import frames
 from relay.protocol.groups import GroupInfo, check_users, new_group
 from relay.server.clock import now_ms
-from relay.server.requests import raise_for_result
+from relay.server.context import Caller, ServerContext
+from relay.server.requests import RequestHandler, raise_for_result
 from relay.store.base import (
     ChangeGroup,
     CompleteGroupMessage,
@@ -49,10 +50,6 @@ from relay.store.base import (
     PrepareGroupMessage,
 )
 
-if TYPE_CHECKING:
-    from relay.server.app import RelayServer
-    from relay.server.connection import Connection
-
 GROUP_OPS = ("group.add", "group.remove", "group.leave", "group.info", "group.rename", "group.promote", "group.demote")
 
 
@@ -61,29 +58,31 @@ def new_group_id() -> str:
 
 
 class Groups:
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
+    """Registers the ``group.*`` ops on ``requests``; :meth:`send` serves SEND_GROUP."""
+
+    def __init__(self, ctx: ServerContext, requests: RequestHandler) -> None:
+        self.ctx = ctx
         self._fanouts: dict[bytes, trio.Event] = {}
         for op in GROUP_OPS:
-            server.requests.register(op, functools.partial(self.change, op=op))
-        server.requests.register("group.create", self.create)
+            requests.register(op, functools.partial(self.change, op=op))
+        requests.register("group.create", self.create)
 
     # --- requests -------------------------------------------------------------
 
     def _require_users(self, users: list[str]) -> None:
-        store = self.server.store
+        store = self.ctx.store
         for user in users:
             if store.get_user(user) is None:
                 raise FrameError(NOT_FOUND, f"no such user {user}")
 
-    async def create(self, conn: Connection, args: dict[Any, Any]) -> object:
+    async def create(self, conn: Caller, args: dict[Any, Any]) -> object:
         assert conn.user is not None
-        settings = self.server.settings
+        settings = self.ctx.settings
         members = check_users(args.get("members", []))
         self._require_users(members)
         for _ in range(3):
             info = new_group(new_group_id(), conn.user, args.get("name"), members, settings.max_group_members)
-            result = await self.server.writer_for(info.group).call(CreateGroup(info, now_ms()))
+            result = await self.ctx.writer_for(info.group).call(CreateGroup(info, now_ms()))
             if isinstance(result, FrameError) and result.code == CONFLICT:
                 continue  # 128-bit ids collide only in theory; draw again
             raise_for_result(result)
@@ -91,7 +90,7 @@ class Groups:
             return info.as_result()
         raise FrameError(INTERNAL, "could not allocate a group id")
 
-    async def change(self, conn: Connection, args: dict[Any, Any], op: str = "") -> object:
+    async def change(self, conn: Caller, args: dict[Any, Any], op: str = "") -> object:
         assert conn.user is not None
         group = args.get("group")
         if not frames.is_group(group):
@@ -99,8 +98,8 @@ class Groups:
         assert isinstance(group, str)
         if op == "group.add":
             self._require_users(check_users(args.get("members")))
-        result = await self.server.writer_for(group).call(
-            ChangeGroup(group, conn.user, op, args, self.server.settings.max_group_members)
+        result = await self.ctx.writer_for(group).call(
+            ChangeGroup(group, conn.user, op, args, self.ctx.settings.max_group_members)
         )
         raise_for_result(result)
         assert isinstance(result, tuple)
@@ -113,11 +112,11 @@ class Groups:
         """EVENT group.changed into every device inbox of ``users``; returns once committed."""
         now = now_ms()
         tail = frames.event_tail("group.changed", info.event_body(actor), now)
-        await self.server.append_to_users(users, frames.EVENT, frames.EVENT_FIELDS, tail, now)
+        await self.ctx.append_to_users(users, frames.EVENT, frames.EVENT_FIELDS, tail, now)
 
     # --- SEND_GROUP ---------------------------------------------------------------
 
-    async def send(self, conn: Connection, event: frames.SendGroup, ts: int, done: Callable[[], None]) -> None:
+    async def send(self, conn: Caller, event: frames.SendGroup, ts: int, done: Callable[[], None]) -> None:
         """Start the three steps for one SEND_GROUP; SENT or ERROR is queued on
         ``conn`` (even if it closed meanwhile) and ``done()`` called at the end.
 
@@ -128,10 +127,10 @@ class Groups:
         """
         assert conn.user is not None and conn.device is not None
         prepare = PrepareGroupMessage(event.to, conn.user, conn.device, event.msg_id, event.payload, ts)
-        await self.server.writer_for(event.to).submit(prepare, functools.partial(self._prepared, conn, event, prepare, done))
+        await self.ctx.writer_for(event.to).submit(prepare, functools.partial(self._prepared, conn, event, prepare, done))
 
     def _prepared(
-        self, conn: Connection, event: frames.SendGroup, prepare: PrepareGroupMessage, done: Callable[[], None], result: object
+        self, conn: Caller, event: frames.SendGroup, prepare: PrepareGroupMessage, done: Callable[[], None], result: object
     ) -> None:
         try:
             if isinstance(result, FrameError):
@@ -150,25 +149,25 @@ class Groups:
         running = self._fanouts.get(result.body_key)
         if running is not None:
             # A retry while the first attempt still runs: wait for it, then ask again.
-            self.server.spawn(self._retry_after, running, conn, event, prepare, done)
+            self.ctx.spawn(self._retry_after, running, conn, event, prepare, done)
             return
         self._fan_out(conn, event, prepare, result, done)
 
     async def _retry_after(
-        self, running: trio.Event, conn: Connection, event: frames.SendGroup, prepare: PrepareGroupMessage, done: Callable[[], None]
+        self, running: trio.Event, conn: Caller, event: frames.SendGroup, prepare: PrepareGroupMessage, done: Callable[[], None]
     ) -> None:
         await running.wait()
-        await self.server.writer_for(event.to).submit(prepare, functools.partial(self._prepared, conn, event, prepare, done))
+        await self.ctx.writer_for(event.to).submit(prepare, functools.partial(self._prepared, conn, event, prepare, done))
 
     def _fan_out(
-        self, conn: Connection, event: frames.SendGroup, prepare: PrepareGroupMessage, prepared: GroupPrepared, done: Callable[[], None]
+        self, conn: Caller, event: frames.SendGroup, prepare: PrepareGroupMessage, prepared: GroupPrepared, done: Callable[[], None]
     ) -> None:
-        server = self.server
+        ctx = self.ctx
         key = prepared.body_key
         finished = self._fanouts[key] = trio.Event()
         by_shard: dict[int, list[str]] = defaultdict(list)
         for user in prepared.members:
-            by_shard[server.store.shard_of(user)].append(user)
+            by_shard[ctx.store.shard_of(user)].append(user)
         remaining = len(by_shard)
         refs = 0
         failure: list[object] = []
@@ -179,7 +178,7 @@ class Groups:
             if error is None:
                 conn.queue_sent(event.msg_id, prepared.ts)
                 for shard in by_shard:
-                    server.writers[shard].submit_followup(DropFanOutMarker(key))
+                    ctx.writers[shard].submit_followup(DropFanOutMarker(key))
             else:
                 error.ref = event.msg_id
                 conn.queue_error(error)
@@ -198,7 +197,7 @@ class Groups:
             remaining -= 1
             if isinstance(result, FannedOut):
                 refs += result.refs
-                router = server.router
+                router = ctx.router
                 for user, entries in result.entries:
                     if entries:
                         router.deliver(user, entries)
@@ -216,11 +215,11 @@ class Groups:
                 except FrameError as error:
                     end(error)
                 return
-            server.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, refs), completed)
+            ctx.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, refs), completed)
 
         if not by_shard:
-            server.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, 0), completed)
+            ctx.writer_for_group_body(key).submit_followup(CompleteGroupMessage(key, 0), completed)
             return
         for shard, users in by_shard.items():
             fan_out = FanOut(key, prepare.sender, prepare.sender_device, users, prepared.ts, prepared.tail)
-            server.writers[shard].submit_followup(fan_out, one_shard_done)
+            ctx.writers[shard].submit_followup(fan_out, one_shard_done)

@@ -19,7 +19,7 @@ fetch causes is committed with it and handed to the router after the commit.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -27,12 +27,9 @@ from relay.errors import BAD_REQUEST, NOT_FOUND, RATE_LIMITED, TOO_LARGE, FrameE
 from relay.protocol.limits import KeyedBuckets
 from relay.server import auth
 from relay.server.clock import now_ms
-from relay.server.requests import raise_for_result, user_arg
+from relay.server.context import Caller, ServerContext
+from relay.server.requests import RequestHandler, raise_for_result, user_arg
 from relay.store.base import Bundle, Bundles, FetchBundles, PublishKeys, SignedPrekey, WriteOp
-
-if TYPE_CHECKING:
-    from relay.server.app import RelayServer
-    from relay.server.connection import Connection
 
 U32_MAX = 2**32 - 1
 KEY_BYTES = 32
@@ -109,21 +106,21 @@ def bundle_result(bundle: Bundle) -> dict[str, Any]:
 class Keys:
     """Registers the ``keys.*`` ops on the server's :class:`RequestHandler`."""
 
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
-        settings = server.settings
+    def __init__(self, ctx: ServerContext, requests: RequestHandler) -> None:
+        self.ctx = ctx
+        settings = ctx.settings
         self.fetch_limits: KeyedBuckets[tuple[str, str]] = KeyedBuckets(
             settings.keys_fetch_per_s, settings.keys_fetch_burst, MAX_FETCH_BUCKETS
         )
-        server.requests.register("keys.publish", self.publish)
-        server.requests.register("keys.fetch", self.fetch)
-        server.requests.register("keys.count", self.count)
+        requests.register("keys.publish", self.publish)
+        requests.register("keys.fetch", self.fetch)
+        requests.register("keys.count", self.count)
 
-    async def publish(self, conn: Connection, args: dict[Any, Any]) -> object:
+    async def publish(self, conn: Caller, args: dict[Any, Any]) -> object:
         """``{signed_prekey?, prekeys?, replace?}`` -> ``{count}``; see
         :class:`PublishKeys` for 404/409/413."""
         assert conn.user is not None and conn.device is not None
-        settings = self.server.settings
+        settings = self.ctx.settings
         raw_spk = args.get("signed_prekey")
         spk = None if raw_spk is None else parse_signed_prekey(raw_spk)
         raw_prekeys = args.get("prekeys")
@@ -134,7 +131,7 @@ class Keys:
         if replace and spk is None:
             raise FrameError(BAD_REQUEST, "replace needs a signed_prekey")
         if spk is not None:
-            record = self.server.store.get_user(conn.user)
+            record = self.ctx.store.get_user(conn.user)
             identity_key = None if record is None else record.devices.get(conn.device)
             if identity_key is None or not auth.verify_signed_prekey(identity_key, spk.key, spk.sig):
                 reason = "signed_prekey.sig is not this device's identity key signature over signed_prekey.key"
@@ -145,26 +142,26 @@ class Keys:
         assert isinstance(result, int)
         return {"count": result}
 
-    async def fetch(self, conn: Connection, args: dict[Any, Any]) -> object:
+    async def fetch(self, conn: Caller, args: dict[Any, Any]) -> object:
         """``{user, devices?}`` -> ``{devices: [bundle]}``; 404 unknown user, 429 over the rate."""
         assert conn.user is not None and conn.device is not None
         user = user_arg(args)
         raw_devices = args.get("devices")
         devices = None if raw_devices is None else parse_devices(raw_devices)
-        if self.server.store.get_user(user) is None:
+        if self.ctx.store.get_user(user) is None:
             raise FrameError(NOT_FOUND, f"no such user {user}")
         if not self.fetch_limits.take((conn.user, user), trio.current_time()):
             raise FrameError(RATE_LIMITED, f"too many keys.fetch for {user}; try again later")
-        op = FetchBundles(user, conn.user, conn.device, devices, self.server.settings.keys_low_threshold, now_ms())
+        op = FetchBundles(user, conn.user, conn.device, devices, self.ctx.settings.keys_low_threshold, now_ms())
         result = await self._call(user, op)
         raise_for_result(result)
         assert isinstance(result, Bundles)
         return {"devices": [bundle_result(b) for b in result.bundles]}
 
-    async def count(self, conn: Connection, args: dict[Any, Any]) -> object:
+    async def count(self, conn: Caller, args: dict[Any, Any]) -> object:
         """One-time prekeys left for the calling device (a read, no write)."""
         assert conn.user is not None and conn.device is not None
-        return self.server.store.prekey_count(conn.user, conn.device)
+        return self.ctx.store.prekey_count(conn.user, conn.device)
 
     async def _call(self, user: str, op: WriteOp) -> object:
         """Commit ``op`` in ``user``'s shard and return its result; keys.low
@@ -175,10 +172,10 @@ class Keys:
 
         def committed(result: object) -> None:
             if isinstance(result, Bundles) and result.entries:
-                self.server.router.deliver(user, result.entries)
+                self.ctx.router.deliver(user, result.entries)
             box.append(result)
             done.set()
 
-        await self.server.writer_for(user).submit(op, committed)
+        await self.ctx.writer_for(user).submit(op, committed)
         await done.wait()
         return box[0]

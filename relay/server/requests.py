@@ -10,16 +10,13 @@ the one place where store failures become wire codes.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from relay.errors import BAD_REQUEST, INTERNAL, NOT_FOUND, UNAVAILABLE, FrameError, StoreFullError
 from relay.protocol import frames
+from relay.server.context import Caller, ServerContext
 
-if TYPE_CHECKING:
-    from relay.server.app import RelayServer
-    from relay.server.connection import Connection
-
-Op = Callable[["Connection", dict[Any, Any]], Awaitable[object]]
+Op = Callable[[Caller, dict[Any, Any]], Awaitable[object]]
 
 
 def raise_for_result(result: object) -> None:
@@ -42,8 +39,8 @@ def user_arg(args: dict[Any, Any], name: str = "user") -> str:
 
 
 class RequestHandler:
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
         self._ops: dict[str, Op] = {
             "devices.list": self.devices_list,
         }
@@ -52,15 +49,15 @@ class RequestHandler:
         """Add an op (later features plug in here: groups, keys, media, push)."""
         self._ops[name] = op
 
-    async def serve(self, conn: Connection, op: str, args: dict[Any, Any]) -> object:
+    async def serve(self, conn: Caller, op: str, args: dict[Any, Any]) -> object:
         handler = self._ops.get(op)
         if handler is None:
             raise FrameError(BAD_REQUEST, f"unknown op {op[:64]!r}")
         return await handler(conn, args)
 
-    async def devices_list(self, conn: Connection, args: dict[Any, Any]) -> object:
+    async def devices_list(self, conn: Caller, args: dict[Any, Any]) -> object:
         user = user_arg(args)
-        record = self.server.store.get_user(user)
+        record = self.ctx.store.get_user(user)
         if record is None:
             raise FrameError(NOT_FOUND, f"no such user {user}")
         return {"devices": [{"device": d, "identity_key": k} for d, k in sorted(record.devices.items())]}
