@@ -13,7 +13,7 @@ with signal handling. Task tree::
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,13 +23,13 @@ from relay import fastpath
 from relay.config import Settings
 from relay.errors import CLOSE_GOING_AWAY, ConfigError
 from relay.server.clock import now_ms
-from relay.server.connection import Connection, encode_close
+from relay.server.connection import Connection, Handlers
 from relay.server.context import ServerContext
 from relay.server.flush import OutputBatch
 from relay.server.groups import Groups
 from relay.server.keys import Keys
 from relay.server.memory import HeapTrimmer, load_malloc_trim
-from relay.server.parking import ParkingLot
+from relay.server.parking import ParkedConnection, ParkingLot
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
 from relay.server.writer import GroupCommitWriter
@@ -72,13 +72,12 @@ class RelayServer:
         ]
         # What the handlers below share; none of them sees the server.
         self.ctx = ServerContext(settings, self.fastpath, self.store, self.router, self.writers, self.output_batch)
-        # (user, device) -> seq acked but whose delete is not committed yet.
-        self.ack_floors = self.ctx.ack_floors
         self.requests = RequestHandler(self.ctx)
         self.groups = Groups(self.ctx, self.requests)
         self.keys = Keys(self.ctx, self.requests)
         self.heap = HeapTrimmer(load_malloc_trim())
-        self.parking = ParkingLot(self)
+        self.parking = ParkingLot(self.ctx, self.heap, self._resume)
+        self.handlers = Handlers(self.requests, self.groups, self.parking)
         self.connections: set[Connection] = set()
         self.port: int | None = None
         self._accept_scope = trio.CancelScope()
@@ -91,20 +90,6 @@ class RelayServer:
     @property
     def shutting_down(self) -> bool:
         return self.ctx.shutting_down
-
-    def writer_for(self, user: str) -> GroupCommitWriter:
-        return self.ctx.writer_for(user)
-
-    def writer_for_group_body(self, body_key: bytes) -> GroupCommitWriter:
-        return self.ctx.writer_for_group_body(body_key)
-
-    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run a job that must outlive the connection that started it."""
-        self.ctx.spawn(fn, *args)
-
-    async def append_to_users(self, users: tuple[str, ...] | list[str], type_: int, count: int, tail: bytes, created: int) -> None:
-        """Append one entry to every device inbox of ``users``; return once all committed."""
-        await self.ctx.append_to_users(users, type_, count, tail, created)
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -149,7 +134,13 @@ class RelayServer:
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        await self.serve_connection(Connection(self, stream))
+        await self.serve_connection(Connection(self.ctx, self.handlers, stream))
+
+    def _resume(self, stream: trio.SocketStream, parked: ParkedConnection) -> Connection:
+        """A parked session goes live again on a new Connection (for the ParkingLot)."""
+        conn = Connection(self.ctx, self.handlers, stream, resume=parked)
+        self.ctx.spawn(self.serve_connection, conn)
+        return conn
 
     async def serve_connection(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -175,7 +166,7 @@ class RelayServer:
 
     async def _close_connections(self) -> None:
         self._accept_scope.cancel()
-        self.parking.close_all(encode_close(self.fastpath, CLOSE_GOING_AWAY, "server shutting down"))
+        self.parking.close_all(self.ctx.close_frame(CLOSE_GOING_AWAY, "server shutting down"))
         for conn in list(self.connections):
             conn.begin_close(CLOSE_GOING_AWAY, "server shutting down")
         with trio.move_on_after(SHUTDOWN_GRACE_S):

@@ -33,8 +33,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from types import ModuleType
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import trio
 
@@ -59,6 +58,10 @@ from relay.protocol.session import Session
 from relay.protocol.window import DeliveryWindow
 from relay.server import auth
 from relay.server.clock import now_ms
+from relay.server.context import ServerContext
+from relay.server.groups import Groups
+from relay.server.parking import ParkedConnection, ParkingLot
+from relay.server.requests import RequestHandler
 from relay.store.base import (
     ENTRY_MSG,
     ENTRY_MSG_REF,
@@ -72,10 +75,6 @@ from relay.store.base import (
     group_of_body,
 )
 
-if TYPE_CHECKING:
-    from relay.server.app import RelayServer
-    from relay.server.parking import ParkedConnection
-
 log = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 65536
@@ -84,20 +83,27 @@ MAX_QUEUED_SIGNALS = 64
 CLOSE_TIMEOUT_S = 2.0
 
 
-def encode_close(fp: ModuleType, code: int, reason: str = "") -> bytes:
-    payload = code.to_bytes(2, "big") + reason.encode()[:120]
-    return fp.encode_frame(fp.OP_CLOSE, payload)
-
-
 def _valid_close_code(code: int) -> bool:
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011) or 3000 <= code <= 4999
+
+
+@dataclass(frozen=True, slots=True)
+class Handlers:
+    """What connections hand events to, above the context; one per server."""
+
+    requests: RequestHandler
+    groups: Groups
+    parking: ParkingLot
 
 
 class Connection:
     """Serve one accepted stream until it closes; see the module docstring."""
 
-    def __init__(self, server: RelayServer, stream: trio.abc.Stream, resume: ParkedConnection | None = None) -> None:
-        self.server = server
+    def __init__(
+        self, ctx: ServerContext, handlers: Handlers, stream: trio.abc.Stream, resume: ParkedConnection | None = None
+    ) -> None:
+        self.ctx = ctx
+        self.handlers = handlers
         self._resume = resume
         self._parking: ParkedConnection | None = None
         self._pump_waiting = False
@@ -109,10 +115,10 @@ class Connection:
         # Gathered for a direct flush but not taken by the socket: the pump sends it first.
         self._unsent = b""
         self._flush_deferred = False
-        self._output_batch = server.output_batch
+        self._output_batch = ctx.output_batch
         self._wait_first = False
-        self.settings = server.settings
-        self.fp = server.fastpath
+        self.settings = ctx.settings
+        self.fp = ctx.fastpath
         self.stream = stream
         self.user: str | None = None
         self.device: int | None = None
@@ -231,7 +237,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        self._close_frame = encode_close(self.fp, code, reason)
+        self._close_frame = self.ctx.close_frame(code, reason)
         self._wake.set()
         self._close_deadline = min(self._close_deadline, trio.current_time() + CLOSE_TIMEOUT_S + 1)
         self._read_scope.deadline = self._close_deadline
@@ -290,15 +296,15 @@ class Connection:
             parking = self._parking
             if parking is not None and isinstance(self.stream, trio.SocketStream) and not self._closing:
                 # Hand the socket over without closing it: the session goes on parked.
-                self.server.parking.park(parking, self.stream.socket.detach())
+                self.handlers.parking.park(parking, self.stream.socket.detach())
             else:
                 await self._close(parking)
 
     async def _close(self, parking: ParkedConnection | None) -> None:
         if self.user is not None and self.device is not None:
-            self.server.router.detach(self, self.user, self.device)
+            self.ctx.router.detach(self, self.user, self.device)
         if parking is not None:
-            self.server.router.detach(parking, parking.user or "", parking.device or 0)
+            self.ctx.router.detach(parking, parking.user or "", parking.device or 0)
         if self._aborted and isinstance(self.stream, trio.SocketStream):
             # Linger 0: close() sends RST, like a cut network.
             with contextlib.suppress(OSError):
@@ -380,7 +386,7 @@ class Connection:
                     self.begin_close(CLOSE_GOING_AWAY, "idle timeout")
             elif self._parkable():
                 assert self.user is not None and self.device is not None
-                self._parking = self.server.parking.reserve(self.user, self.device, self.window.acked, idle_deadline)
+                self._parking = self.handlers.parking.reserve(self.user, self.device, self.window.acked, idle_deadline)
                 return
 
     def check_timers(self, now: float) -> None:
@@ -475,7 +481,7 @@ class Connection:
             except StoreFullError:
                 self.queue_error(FrameError(UNAVAILABLE, "store full", ref=_ref_of(item)))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
-                if self.server.shutting_down:
+                if self.ctx.shutting_down:
                     self.begin_close(CLOSE_GOING_AWAY, "shutting down")
                     return
                 raise
@@ -505,20 +511,20 @@ class Connection:
     # --- authentication -------------------------------------------------------
 
     async def _serve_auth(self, event: frames.Auth) -> None:
-        self._attach(*auth.check_auth(self.server.ctx, self.challenge, event))
+        self._attach(*auth.check_auth(self.ctx, self.challenge, event))
 
     async def _serve_register(self, event: frames.Register) -> None:
-        self._attach(*await auth.register(self.server.ctx, self.challenge, event))
+        self._attach(*await auth.register(self.ctx, self.challenge, event))
 
     def _attach(self, user: str, device: int) -> None:
         self.user, self.device = user, device
-        old = self.server.router.attach(self, user, device)
+        old = self.ctx.router.attach(self, user, device)
         if old is not None and old is not self:
             old.replace()
         self.session.authenticated(user, device)
-        store = self.server.store
+        store = self.ctx.store
         pending = store.pending(user, device)
-        floor = self.server.ack_floors.get((user, device), 0)
+        floor = self.ctx.ack_floors.get((user, device), 0)
         if floor:
             self.window.start_at(floor)
             pending -= _count_up_to(store, user, device, floor)
@@ -533,7 +539,7 @@ class Connection:
         op, committed = self._send_op(event)
         self._sends_in_flight += 1
         try:
-            await self.server.writer_for(event.to).submit(op, committed)
+            await self.ctx.writer_for(event.to).submit(op, committed)
         except BaseException:
             self._sends_in_flight -= 1
             raise
@@ -545,7 +551,7 @@ class Connection:
             return False
         op, committed = self._send_op(event)
         try:
-            self.server.writer_for(event.to).submit_nowait(op, committed)
+            self.ctx.writer_for(event.to).submit_nowait(op, committed)
         except trio.WouldBlock:
             return False
         self._sends_in_flight += 1
@@ -561,7 +567,7 @@ class Connection:
             if isinstance(result, Stored):
                 self.queue_sent(event.msg_id, result.ts)
                 if not result.duplicate:
-                    self.server.router.deliver(to, result.entries)
+                    self.ctx.router.deliver(to, result.entries)
             elif isinstance(result, FrameError):
                 self.queue_error(result)
             elif isinstance(result, StoreFullError):
@@ -585,7 +591,7 @@ class Connection:
         await self._wait_send_slot()
         self._sends_in_flight += 1
         try:
-            await self.server.groups.send(self, event, now_ms(), self._send_finished)
+            await self.handlers.groups.send(self, event, now_ms(), self._send_finished)
         except BaseException:
             self._sends_in_flight -= 1
             raise
@@ -600,8 +606,8 @@ class Connection:
             # every committed entry reaches the pump through offer(), so an
             # ACK alone has nothing for it (no wake-up, no inbox read).
             self._wake.set()
-        user, device, server = self.user, self.device, self.server
-        floors = server.ack_floors
+        user, device, ctx = self.user, self.device, self.ctx
+        floors = ctx.ack_floors
         floor_key = (user, device)
         floors[floor_key] = max(acked, floors.get(floor_key, 0))
         pushed = self._pushed
@@ -629,9 +635,9 @@ class Connection:
             # References gone: release the group bodies they pointed to.
             if isinstance(result, int):
                 for group, counts in released.items():
-                    server.writer_for(group).submit_release(counts)
+                    ctx.writer_for(group).submit_release(counts)
 
-        delete_writer = server.writer_for(user)
+        delete_writer = ctx.writer_for(user)
         if not receipt_tails:
             delete_writer.submit_delete(delete, deleted)
             return
@@ -651,20 +657,20 @@ class Connection:
         # The writer merges them per sender and delivers them once stored.
         for sender, tails in receipt_tails.items():
             skip = device if sender == user else None
-            server.writer_for(sender).submit_receipts(sender, skip, tails, now, receipts_stored)
+            ctx.writer_for(sender).submit_receipts(sender, skip, tails, now, receipts_stored)
 
     async def _serve_read(self, event: frames.Read) -> None:
         assert self.user is not None and self.device is not None
-        server = self.server
-        if server.store.get_user(event.sender) is None:
+        ctx = self.ctx
+        if ctx.store.get_user(event.sender) is None:
             raise FrameError(NOT_FOUND, f"no such user {event.sender}", ref=frames.READ)
         now = now_ms()
         skip = self.device if event.sender == self.user else None
-        writer = server.writer_for(event.sender)
+        writer = ctx.writer_for(event.sender)
 
         def done(result: object) -> None:
             if isinstance(result, Appended):
-                server.router.deliver(event.sender, result.entries)
+                ctx.router.deliver(event.sender, result.entries)
 
         receipt_tail = self.fp.receipt_tail
         tails = [receipt_tail(m, self.user, self.device, frames.RECEIPT_READ, now) for m in event.msg_ids]
@@ -675,10 +681,10 @@ class Connection:
         assert self.user is not None
         if not self._signal_bucket.take(trio.current_time()):
             raise FrameError(RATE_LIMITED, "too many signals", ref=frames.SIGNAL)
-        router = self.server.router
+        router = self.ctx.router
         frame = frames.encode_signaled(self.user, event.to, event.kind)
         if frames.is_group(event.to):
-            info = self.server.store.get_group(event.to)
+            info = self.ctx.store.get_group(event.to)
             if info is None or self.user not in info.members:
                 raise FrameError(FORBIDDEN, "not a member of that group", ref=frames.SIGNAL)
             targets = [conn for user in info.members for conn in router.devices_online(user)]
@@ -694,7 +700,7 @@ class Connection:
             self._queue_reply(frames.encode_res(event.req_id, False, reason))
             return
         try:
-            result = await self.server.requests.serve(self, event.op, event.args)
+            result = await self.handlers.requests.serve(self, event.op, event.args)
         except FrameError as error:
             self._queue_reply(frames.encode_res(event.req_id, False, {"code": error.code, "reason": error.reason}))
             return
@@ -766,7 +772,7 @@ class Connection:
                 self._inbox_dirty = False
                 assert self.user is not None and self.device is not None
                 after = entries[-1].seq if entries else window.last_pushed
-                more = self.server.store.read_inbox(self.user, self.device, after, room)
+                more = self.ctx.store.read_inbox(self.user, self.device, after, room)
                 if len(more) == room:
                     self._inbox_dirty = True
                 entries.extend(more)

@@ -14,6 +14,10 @@ signal, a replacement), the lot *revives* it: a fresh
 socket, in READY state, its window starting after the acked seq. Parked
 connections past their idle deadline are closed (1001) by the watcher.
 
+The lot does not build that Connection itself (it sits below the
+connection module): the server hands it ``resume``, which builds one and
+starts serving it.
+
 Measured per parked connection: the object, a dict slot and an epoll entry,
 well under the 4 KiB budget (see docs/benchmarks.md, ``idle``).
 """
@@ -26,18 +30,29 @@ import logging
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
 from relay.errors import CLOSE_GOING_AWAY
+from relay.server.context import ServerContext
+from relay.server.memory import HeapTrimmer
+from relay.server.router import Routable
 from relay.store.base import InboxEntry
 
-if TYPE_CHECKING:
-    from relay.server.app import RelayServer
-    from relay.server.connection import Connection
-
 log = logging.getLogger(__name__)
+
+
+class Revived(Routable, Protocol):
+    """The live connection a parked one became."""
+
+    def begin_close(self, code: int, reason: str = "") -> None: ...
+
+
+# Start a live connection resuming the parked session on the stream; the
+# server builds it and starts serving it.
+Resume = Callable[[trio.SocketStream, "ParkedConnection"], Revived]
 
 
 class ParkedConnection:
@@ -56,13 +71,13 @@ class ParkedConnection:
         self.idle_deadline = idle_deadline
         # Signals that arrived while the socket was being handed over.
         self.signals: list[bytes] | None = None
-        self.revived: Connection | None = None
+        self.revived: Revived | None = None
         # Set when something needs the session while its socket is still
         # being handed over; park() then revives it at once.
         self.revive_requested = False
         self.registered = False
 
-    def _revive(self) -> Connection | None:
+    def _revive(self) -> Revived | None:
         return self.revived if self.revived is not None else self.lot.revive(self)
 
     def wake(self) -> None:
@@ -91,8 +106,12 @@ class ParkedConnection:
 
 
 class ParkingLot:
-    def __init__(self, server: RelayServer) -> None:
-        self.server = server
+    """The parked connections and their watcher; ``resume`` revives one (see the module docstring)."""
+
+    def __init__(self, ctx: ServerContext, heap: HeapTrimmer, resume: Resume) -> None:
+        self.ctx = ctx
+        self._heap = heap
+        self._resume = resume
         self._epoll = select.epoll()
         self._by_fd: dict[int, ParkedConnection] = {}
         self._deadlines: list[tuple[float, int, int]] = []  # (deadline, fd, id(parked))
@@ -110,7 +129,7 @@ class ParkingLot:
         """Step 1 of parking, synchronous: the router points at the parked object
         from now on, so no wake-up can reach the connection being torn down."""
         parked = ParkedConnection(self, user, device, acked, idle_deadline)
-        self.server.router.attach(parked, user, device)
+        self.ctx.router.attach(parked, user, device)
         return parked
 
     def park(self, parked: ParkedConnection, fd: int) -> None:
@@ -124,16 +143,16 @@ class ParkingLot:
             self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP)
         except OSError:
             self._close_fd(fd, rst=True)
-            self.server.router.detach(parked, parked.user or "", parked.device or 0)
+            self.ctx.router.detach(parked, parked.user or "", parked.device or 0)
             return
         parked.registered = True
         self._by_fd[fd] = parked
         heapq.heappush(self._deadlines, (parked.idle_deadline, fd, id(parked)))
         self.parked_total += 1
-        self.server.heap.note_parked()
+        self._heap.note_parked()
         self._changed.set()
 
-    def revive(self, parked: ParkedConnection) -> Connection | None:
+    def revive(self, parked: ParkedConnection) -> Revived | None:
         """Resume ``parked`` on a new Connection; None while its hand-over is still running."""
         if parked.fd < 0:
             # Still being handed over: park() revives it as soon as it can.
@@ -143,20 +162,18 @@ class ParkingLot:
             self._unregister(parked)
         return self._start(parked)
 
-    def _start(self, parked: ParkedConnection) -> Connection:
-        from relay.server.connection import Connection
-
+    def _start(self, parked: ParkedConnection) -> Revived:
         sock = trio.socket.from_stdlib_socket(socket.socket(fileno=parked.fd))
-        conn = Connection(self.server, trio.SocketStream(sock), resume=parked)
+        # Its task is only scheduled: it runs after the attach and signals below.
+        conn = self._resume(trio.SocketStream(sock), parked)
         parked.revived = conn
         assert parked.user is not None and parked.device is not None
-        self.server.router.attach(conn, parked.user, parked.device)
+        self.ctx.router.attach(conn, parked.user, parked.device)
         if parked.signals:
             for frame in parked.signals:
                 conn.push_ephemeral(frame)
             parked.signals = None
         self.revived_total += 1
-        self.server.spawn(self.server.serve_connection, conn)
         return conn
 
     def _unregister(self, parked: ParkedConnection) -> None:
@@ -184,7 +201,7 @@ class ParkingLot:
                 _send_nonblocking(parked.fd, close_frame)
         self._close_fd(parked.fd, rst=rst)
         parked.fd = -2
-        self.server.router.detach(parked, parked.user or "", parked.device or 0)
+        self.ctx.router.detach(parked, parked.user or "", parked.device or 0)
 
     def _close_fd(self, fd: int, rst: bool) -> None:
         sock = socket.socket(fileno=fd)
@@ -222,14 +239,12 @@ class ParkingLot:
             self._epoll.close()
 
     def _expire(self, now: float) -> None:
-        from relay.server.connection import encode_close
-
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _deadline, fd, ident = heapq.heappop(deadlines)
             parked = self._by_fd.get(fd)
             if parked is not None and id(parked) == ident:
-                self.drop(parked, close_frame=encode_close(self.server.fastpath, CLOSE_GOING_AWAY, "idle timeout"))
+                self.drop(parked, close_frame=self.ctx.close_frame(CLOSE_GOING_AWAY, "idle timeout"))
 
 
 def _send_nonblocking(fd: int, data: bytes) -> None:
