@@ -19,16 +19,13 @@ from relay.errors import (
     BAD_REQUEST,
     CLOSE_POLICY,
     FORBIDDEN,
-    INTERNAL,
     UNAUTHORIZED,
-    UNAVAILABLE,
     FrameError,
-    StoreError,
-    StoreFullError,
 )
 from relay.protocol import frames
 from relay.server.clock import now_ms
 from relay.server.context import ServerContext
+from relay.server.wire_errors import wire_error
 from relay.store.base import RegisterUser
 
 AUTH_CONTEXT = b"relay-auth-v1"
@@ -74,10 +71,6 @@ async def register(ctx: ServerContext, challenge: bytes, event: frames.Register)
     if not verify(event.identity_key, signed_message(ctx.settings.server_name, challenge), event.sig):
         raise FrameError(UNAUTHORIZED, "bad signature", ref=ref, close=CLOSE_POLICY)
     result = await ctx.writer_for(event.user).call(RegisterUser(event.user, event.identity_key, now_ms()))
-    if isinstance(result, FrameError):
-        result.ref, result.close = ref, CLOSE_POLICY
-        raise result
-    if isinstance(result, StoreError):
-        code = UNAVAILABLE if isinstance(result, StoreFullError) else INTERNAL
-        raise FrameError(code, str(result), ref=ref, close=CLOSE_POLICY)
+    if isinstance(result, BaseException):
+        raise wire_error(result, ref=ref, close=CLOSE_POLICY, reason=str(result))
     return event.user, 1

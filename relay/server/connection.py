@@ -47,7 +47,6 @@ from relay.errors import (
     INTERNAL,
     NOT_FOUND,
     RATE_LIMITED,
-    UNAVAILABLE,
     FrameError,
     StoreFullError,
 )
@@ -62,6 +61,7 @@ from relay.server.context import ServerContext
 from relay.server.groups import Groups
 from relay.server.parking import ParkedConnection, ParkingLot
 from relay.server.requests import RequestHandler
+from relay.server.wire_errors import wire_error
 from relay.store.base import (
     ENTRY_MSG,
     ENTRY_MSG_REF,
@@ -478,8 +478,8 @@ class Connection:
                 await self._serve_event(item)
             except FrameError as error:
                 self.queue_error(error)
-            except StoreFullError:
-                self.queue_error(FrameError(UNAVAILABLE, "store full", ref=_ref_of(item)))
+            except StoreFullError as exc:
+                self.queue_error(wire_error(exc, ref=_ref_of(item)))
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 if self.ctx.shutting_down:
                     self.begin_close(CLOSE_GOING_AWAY, "shutting down")
@@ -568,13 +568,11 @@ class Connection:
                 self.queue_sent(event.msg_id, result.ts)
                 if not result.duplicate:
                     self.ctx.router.deliver(to, result.entries)
-            elif isinstance(result, FrameError):
-                self.queue_error(result)
-            elif isinstance(result, StoreFullError):
-                self.queue_error(FrameError(UNAVAILABLE, "store full", ref=event.msg_id))
             else:
-                log.error("SEND failed: %r", result)
-                self.queue_error(FrameError(INTERNAL, "store error", ref=event.msg_id))
+                error = wire_error(result, ref=event.msg_id, detail=False)
+                if error.code == INTERNAL:
+                    log.error("SEND failed: %r", result)
+                self.queue_error(error)
 
         return op, committed
 
@@ -701,11 +699,9 @@ class Connection:
             return
         try:
             result = await self.handlers.requests.serve(self, event.op, event.args)
-        except FrameError as error:
+        except (FrameError, StoreFullError) as exc:
+            error = wire_error(exc)
             self._queue_reply(frames.encode_res(event.req_id, False, {"code": error.code, "reason": error.reason}))
-            return
-        except StoreFullError:
-            self._queue_reply(frames.encode_res(event.req_id, False, {"code": UNAVAILABLE, "reason": "store full"}))
             return
         self._queue_reply(frames.encode_res(event.req_id, True, result))
 

@@ -38,7 +38,8 @@ from relay.protocol import frames
 from relay.protocol.groups import GroupInfo, check_users, new_group
 from relay.server.clock import now_ms
 from relay.server.context import Caller, ServerContext
-from relay.server.requests import RequestHandler, raise_for_result
+from relay.server.requests import RequestHandler
+from relay.server.wire_errors import raise_for_result
 from relay.store.base import (
     ChangeGroup,
     CompleteGroupMessage,

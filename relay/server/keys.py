@@ -8,7 +8,7 @@ the signed prekey's signature against the calling device's identity key
 keys.fetch rate limit per (requester, target) user (429). What depends on
 what is stored is checked by the write ops in the owner's shard
 (:class:`~relay.store.base.PublishKeys`, :class:`~relay.store.base.FetchBundles`:
-404, 409, 413), and :func:`relay.server.requests.raise_for_result` turns
+404, 409, 413), and :func:`relay.server.wire_errors.raise_for_result` turns
 their errors into wire codes.
 
 A fetch takes each device's one-time prekey out of the store in the
@@ -28,7 +28,8 @@ from relay.protocol.limits import KeyedBuckets
 from relay.server import auth
 from relay.server.clock import now_ms
 from relay.server.context import Caller, ServerContext
-from relay.server.requests import RequestHandler, raise_for_result, user_arg
+from relay.server.requests import RequestHandler, user_arg
+from relay.server.wire_errors import raise_for_result
 from relay.store.base import Bundle, Bundles, FetchBundles, PublishKeys, SignedPrekey, WriteOp
 
 U32_MAX = 2**32 - 1

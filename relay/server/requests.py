@@ -3,8 +3,9 @@
 Each op is a method ``op_<name with . as _>`` taking the caller's connection
 and the args map and returning the result; a :class:`FrameError` becomes
 ``RES ok=false {code, reason}``. Unknown ops are 400, like a malformed REQ.
-Ops that write pass the writer's result through :func:`raise_for_result`,
-the one place where store failures become wire codes.
+Ops that write pass the writer's result through
+:func:`relay.server.wire_errors.raise_for_result`, where store failures
+become wire codes.
 """
 
 from __future__ import annotations
@@ -12,23 +13,11 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from relay.errors import BAD_REQUEST, INTERNAL, NOT_FOUND, UNAVAILABLE, FrameError, StoreFullError
+from relay.errors import BAD_REQUEST, NOT_FOUND, FrameError
 from relay.protocol import frames
 from relay.server.context import Caller, ServerContext
 
 Op = Callable[[Caller, dict[Any, Any]], Awaitable[object]]
-
-
-def raise_for_result(result: object) -> None:
-    """Raise the :class:`FrameError` to answer for a failed write op's result:
-    the store's own FrameError (the peer's fault) as is, a full store 503,
-    anything else 500. Returns when ``result`` is not an exception."""
-    if isinstance(result, FrameError):
-        raise result
-    if isinstance(result, StoreFullError):
-        raise FrameError(UNAVAILABLE, "store full")
-    if isinstance(result, BaseException):
-        raise FrameError(INTERNAL, f"store error: {result}")
 
 
 def user_arg(args: dict[Any, Any], name: str = "user") -> str:
