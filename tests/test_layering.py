@@ -54,3 +54,69 @@ def test_the_relay_never_imports_client_crypto() -> None:
     # out of the server and store makes that visible in the imports.
     server_side = sorted((ROOT / "server").glob("*.py")) + sorted((ROOT / "store").glob("*.py"))
     assert not [p.name for p in server_side if any(n.startswith("relay.e2ee") for n in imports(p))]
+
+
+SERVER = ROOT / "server"
+
+
+def server_imports(path: Path) -> set[str]:
+    """The relay.server modules ``path`` imports, anywhere in it: at the top,
+    inside functions and under ``if TYPE_CHECKING:`` alike (a typing-only
+    circle is still a circle)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from . import x, from .x import y
+                base = "relay.server" + (f".{node.module}" if node.module else "")
+            else:
+                base = node.module or ""
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    modules = {f"relay.server.{p.stem}" for p in SERVER.glob("*.py")}
+    return (found & modules) - {f"relay.server.{path.stem}"}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path that ends where it starts, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)) is not None:
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)) is not None:
+            return cycle
+    return None
+
+
+def test_import_cycle_finds_a_circle() -> None:
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_server_modules_import_only_downward() -> None:
+    # context <- handlers (requests, auth, groups, keys, parking) <- connection <- app:
+    # handlers get a ServerContext, never the RelayServer (docs/architecture.md).
+    graph = {f"relay.server.{p.stem}": server_imports(p) for p in SERVER.glob("*.py")}
+    cycle = import_cycle(graph)
+    assert cycle is None, "import circle in relay/server: " + " -> ".join(cycle or [])
+    importers_of_app = sorted(name for name, deps in graph.items() if "relay.server.app" in deps)
+    assert importers_of_app == [], "only the entry points import relay.server.app"
+
+
+def test_the_context_is_below_every_handler() -> None:
+    allowed = {"relay.server.flush", "relay.server.router", "relay.server.writer", "relay.server.clock"}
+    found = server_imports(SERVER / "context.py")
+    assert found <= allowed, found - allowed
