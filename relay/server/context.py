@@ -9,7 +9,7 @@ builds one and hands it to the request handlers, the groups, the key
 directory, the parking lot and every connection; none of them sees the
 server itself. Modules import only downward::
 
-    app  ->  connection  ->  parking, groups, keys, auth  ->  requests  ->  context
+    app  ->  connection  ->  parking, groups, keys, auth  ->  requests, wire_errors  ->  context
                                                                   (router, writer, flush, clock)
 
 A handler that needs another handler gets it in its constructor (``Groups``
