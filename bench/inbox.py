@@ -37,7 +37,7 @@ from bench.proto import (
 )
 from bench.scenarios.common import Guard
 from bench.stats import summarize_ns
-from bench.system import CpuMeter
+from bench.system import CpuMeter, cpu_us_per
 from bench.workload import Sender, Shared, ack_frame
 from bench.wsclient import encode_binary
 
@@ -111,6 +111,7 @@ def fill(
         if not finished:
             raise TimeoutError(f"store phase not finished within {timeout:.0f} s ({c.sent} of {total} SENT)")
         totals = c.snapshot()
+        cpu = CpuMeter.shares(cpu0, cpu1)
         return {
             "messages": total,
             "senders": len(senders),
@@ -120,7 +121,8 @@ def fill(
             "seconds": round(wall, 3),
             "sent_per_s": round(c.sent / wall, 1) if wall > 0 else None,
             "send_to_sent_ms": summarize_ns(shared.lat.send_to_sent),
-            "cpu": CpuMeter.shares(cpu0, cpu1),
+            "cpu_us_per_msg": cpu_us_per(cpu, c.sent),  # relay CPU per message stored (SENT)
+            "cpu": cpu,
             "run_totals": totals,
             "error_samples": list(c.error_samples),
         }
@@ -295,6 +297,7 @@ def drain(
         engine.run(time.monotonic() + 0.5, tick)
         drain_s = (c.last_msg_ns - start_ns) / 1e9
         pend = [r.pending for r, _ in roles]
+        cpu = CpuMeter.shares(cpu0, cpu1)
         return {
             "recipients": len(users),
             "messages": c.msgs,
@@ -305,7 +308,8 @@ def drain(
             "all_ready_ms": round((c.last_ready_ns - start_ns) / 1e6, 3),
             "first_msg_ms": round((c.first_msg_ns - start_ns) / 1e6, 3),
             "ready_pending": {"min": min(p or 0 for p in pend), "max": max(p or 0 for p in pend), "sum": sum(p or 0 for p in pend)},
-            "cpu": CpuMeter.shares(cpu0, cpu1),
+            "cpu_us_per_msg": cpu_us_per(cpu, c.msgs),  # relay CPU per MSG drained (AUTH → last MSG)
+            "cpu": cpu,
             "run_totals": c.snapshot(),
             "error_samples": list(c.error_samples),
         }

@@ -138,13 +138,13 @@ class CpuMeter:
     @staticmethod
     def shares(a: CpuSample, b: CpuSample) -> dict[str, Any]:
         wall = b.wall - a.wall
+        relay_s = b.relay_cpu - a.relay_cpu if a.relay_cpu is not None and b.relay_cpu is not None else None
         out: dict[str, Any] = {
             "loadgen_cpu_share": round((b.self_cpu - a.self_cpu) / wall, 3) if wall > 0 else None,
-            "relay_cpu_share": (
-                round((b.relay_cpu - a.relay_cpu) / wall, 3)
-                if wall > 0 and a.relay_cpu is not None and b.relay_cpu is not None
-                else None
-            ),
+            "relay_cpu_share": round(relay_s / wall, 3) if wall > 0 and relay_s is not None else None,
+            # user + sys of the relay process (all threads) over the interval; what
+            # cpu_us_per_msg divides (psutil's resolution: one clock tick, 10 ms).
+            "relay_cpu_seconds": round(relay_s, 3) if relay_s is not None else None,
         }
         cores = []
         for i, (x, y) in enumerate(zip(a.per_core, b.per_core, strict=True)):
@@ -172,3 +172,14 @@ class CpuMeter:
         top.sort(key=lambda x: -x["cpu_share"])
         out["top_other_processes"] = top[:5]
         return out
+
+
+def cpu_us_per(cpu: dict[str, Any], count: int) -> float | None:
+    """Relay CPU (user + sys, all threads) over a measured interval, in µs, per
+    ``count`` units of work completed in that interval (``cpu`` is a
+    :meth:`CpuMeter.shares` result). None when the relay's process is not known
+    (``--url`` without ``--relay-pid``) or nothing completed."""
+    seconds = cpu.get("relay_cpu_seconds")
+    if seconds is None or count <= 0:
+        return None
+    return round(seconds * 1e6 / count, 1)

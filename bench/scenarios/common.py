@@ -12,7 +12,7 @@ from bench.e2ee import Device, establish
 from bench.engine import ConnectionLost, Engine
 from bench.proto import Session, open_sessions
 from bench.stats import summarize_ns
-from bench.system import CpuMeter
+from bench.system import CpuMeter, cpu_us_per
 from bench.workload import Receiver, ReceiverKeys, Sender, Shared
 
 
@@ -159,6 +159,7 @@ class PairsHarness:
             "send_to_sent": summarize_ns(lat.send_to_sent[marks0[0] : marks1[0]], quantiles),
             "send_to_receipt": summarize_ns(lat.send_to_receipt[marks0[2] : marks1[2]], quantiles),
         }
+        cpu = CpuMeter.shares(cpu0, cpu1)
         result: dict[str, Any] = {
             "measured_seconds": round(wall, 3),
             "warmup_seconds": args.warmup,
@@ -167,7 +168,9 @@ class PairsHarness:
             "sends_per_s": round(delta["sends"] / wall, 1) if wall > 0 else None,
             "delivered_per_s": round(delta["msgs"] / wall, 1) if wall > 0 else None,
             "latency_ms": latency,
-            "cpu": CpuMeter.shares(cpu0, cpu1),
+            # Relay CPU (user + sys) per full cycle completed (RECEIPT at the sender) in the interval.
+            "cpu_us_per_msg": cpu_us_per(cpu, delta["completed"]),
+            "cpu": cpu,
             "window_counts": delta,
             "run_totals": after,
             "error_samples": list(c.error_samples),
@@ -240,6 +243,11 @@ class Guard:
 
 def pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x * 100:.0f}%"
+
+
+def us(x: float | None) -> str:
+    """A µs figure such as ``cpu_us_per_msg`` (None: the relay's process is not known)."""
+    return "n/a" if x is None else f"{x:,.1f}"
 
 
 def ms(d: dict[str, Any] | None, *keys: str) -> str:

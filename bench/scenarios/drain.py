@@ -28,7 +28,7 @@ from typing import Any
 
 from bench.inbox import drain, fill
 from bench.proto import close_sessions, open_sessions
-from bench.scenarios.common import ms, pct
+from bench.scenarios.common import ms, pct, us
 from bench.scenarios.pairs import disturbance
 
 DESCRIPTION = "offline store then drain on reconnect: store msg/s (SENT), drain msg/s (MSG)"
@@ -68,6 +68,9 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
     out: dict[str, Any] = {
         "store_msgs_per_s": store["sent_per_s"],
         "drain_msgs_per_s": drained["msgs_per_s"],
+        # Relay CPU per message stored (SENT) and per MSG drained, each over its own phase.
+        "store_cpu_us_per_msg": store["cpu_us_per_msg"],
+        "drain_cpu_us_per_msg": drained["cpu_us_per_msg"],
         "messages": total,
         "recipients_register_seconds": round(register_s, 3),
         "store": store,
@@ -116,11 +119,13 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("store seconds", f"{st['seconds']:.2f}"),
         ("store SEND→SENT p50 / p99 ms", ms(st["send_to_sent_ms"], "p50", "p99")),
         ("store relay / loadgen CPU", f"{pct(st['cpu'].get('relay_cpu_share'))} / {pct(st['cpu'].get('loadgen_cpu_share'))}"),
+        ("store relay CPU µs per message", us(st.get("cpu_us_per_msg"))),
         ("drain msg/s (MSG)", f"{result['drain_msgs_per_s']:,.0f}"),
         ("drain seconds", f"{dr['seconds']:.2f}"),
         ("drain first READY / all READY / first MSG ms",
          f"{dr['first_ready_ms']:g} / {dr['all_ready_ms']:g} / {dr['first_msg_ms']:g}"),
         ("drain relay / loadgen CPU", f"{pct(dr['cpu'].get('relay_cpu_share'))} / {pct(dr['cpu'].get('loadgen_cpu_share'))}"),
+        ("drain relay CPU µs per message", us(dr.get("cpu_us_per_msg"))),
         ("other processes CPU (store / drain)",
          f"{pct(st['cpu'].get('others_cpu_share'))} / {pct(dr['cpu'].get('others_cpu_share'))}"),
     ]

@@ -39,11 +39,11 @@ from typing import Any
 from bench.engine import Conn, Engine
 from bench.groups import GroupSender, Member, Tracker
 from bench.proto import open_sessions
-from bench.scenarios.common import Guard, ms, pct
+from bench.scenarios.common import Guard, ms, pct, us
 from bench.scenarios.pairs import disturbance
 from bench.stats import summarize_ns
 from bench.storeprobe import data_dir_of, entry_counts
-from bench.system import CpuMeter
+from bench.system import CpuMeter, cpu_us_per
 from bench.wsclient import encode_binary
 
 DESCRIPTION = "group fan-out: one sender, groups of 16/256/1024 members all online; deliveries/s, SEND_GROUP→last member"
@@ -194,8 +194,11 @@ def run_size(
             until=lambda: c.completed >= sender.k and not sender.sent_at,
         )
         totals = c.snapshot()
+        cpu = CpuMeter.shares(cpu0, cpu1)
         out.update(
             deliveries_per_s=round(delta["deliveries"] / wall, 1),
+            # Per delivery (one MSG to one member), not per SEND_GROUP.
+            cpu_us_per_delivery=cpu_us_per(cpu, delta["deliveries"]),
             sends_per_s=round(delta["sent"] / wall, 1),
             completed_per_s=round(delta["completed"] / wall, 1),
             receipts_per_s=round(delta["receipts"] / wall, 1),
@@ -205,7 +208,7 @@ def run_size(
                 "send_to_first_member": summarize_ns(tracker.to_first[marks0[1] : marks1[1]]),
                 "send_to_last_member": summarize_ns(tracker.to_last[marks0[2] : marks1[2]]),
             },
-            cpu=CpuMeter.shares(cpu0, cpu1),
+            cpu=cpu,
             window_counts=delta,
             run_totals=totals,
             error_samples=list(c.error_samples),
@@ -330,6 +333,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
             (f"[{n}] register / create+events", f"{r['register_seconds']:.2f} s / {r['group_ready_ms']:.0f} ms"),
             (f"[{n}] relay / loadgen / others CPU",
              f"{pct(cpu.get('relay_cpu_share'))} / {pct(cpu.get('loadgen_cpu_share'))} / {pct(cpu.get('others_cpu_share'))}"),
+            (f"[{n}] relay CPU µs per delivery", us(r.get("cpu_us_per_delivery"))),
         ]
         sc = r.get("store_check")
         if sc:

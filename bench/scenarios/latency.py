@@ -18,7 +18,7 @@ from array import array
 from collections.abc import Callable
 from typing import Any
 
-from bench.scenarios.common import PairsHarness, add_common_arguments
+from bench.scenarios.common import PairsHarness, add_common_arguments, us
 from bench.scenarios.pairs import anomalies, disturbance
 from bench.stats import summarize_ns
 
@@ -114,6 +114,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("SEND→RECEIPT p50/p99/p999 ms", trio_(lat["send_to_receipt"])),
         ("schedule lag p99 / max ms", f"{result['schedule_lag_ms']['p99']} / {result['schedule_lag_ms']['max']}"),
         ("relay CPU share", _pct(cpu.get("relay_cpu_share"))),
+        ("relay CPU µs per message", us(result.get("cpu_us_per_msg"))),
         ("load generator CPU share", _pct(cpu.get("loadgen_cpu_share"))),
         ("other processes CPU share", _pct(cpu.get("others_cpu_share"))),
     ]

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from bench.scenarios.common import PairsHarness, add_common_arguments
+from bench.scenarios.common import PairsHarness, add_common_arguments, us
 
 DESCRIPTION = "closed-loop 1:1 throughput: SEND→SENT→MSG→ACK→RECEIPT, window per sender"
 HEADLINE = ("msgs_per_s", "msg/s")
@@ -105,6 +105,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
         ("SEND→SENT p50 / p99 ms", f"{lat['send_to_sent']['p50']} / {lat['send_to_sent']['p99']}"),
         ("SEND→RECEIPT p50 / p99 ms", f"{lat['send_to_receipt']['p50']} / {lat['send_to_receipt']['p99']}"),
         ("relay CPU share", _pct(cpu.get("relay_cpu_share"))),
+        ("relay CPU µs per message", us(result.get("cpu_us_per_msg"))),
         ("load generator CPU share", _pct(cpu.get("loadgen_cpu_share"))),
     ]
     e2ee = result.get("e2ee")

@@ -44,7 +44,7 @@ from bench.proto import (
     open_sessions,
     send_auth,
 )
-from bench.scenarios.common import pct
+from bench.scenarios.common import pct, us
 from bench.storeprobe import entry_counts
 from bench.system import REPO_ROOT
 from bench.targets import Running, TargetError, relaunch, stop_process
@@ -162,7 +162,7 @@ def run(
     }
     out["baseline"] = restart_once(running, recipients[0], keys[0], timeout)
     build = fill(running.url, args, running.pid, senders, recipients, per, args.window, alive, args.build_timeout)
-    out["build"] = {k: build[k] for k in ("messages", "seconds", "sent_per_s", "register_seconds", "run_totals")}
+    out["build"] = {k: build[k] for k in ("messages", "seconds", "sent_per_s", "cpu_us_per_msg", "register_seconds", "run_totals")}
     out["build"]["relay_cpu_share"] = build["cpu"].get("relay_cpu_share")
     runs = [restart_once(running, recipients[0], keys[0], timeout) for _ in range(args.restarts)]
     out["restarts"] = runs
@@ -199,6 +199,7 @@ def table(result: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("queued entries (in the store)", f"{result['queued_entries']:,}" if result["queued_entries"] is not None else "n/a"),
         ("build: seconds, SENT/s", f"{b['seconds']:.1f} s, {b['sent_per_s']:,.0f}/s (relay {pct(b['relay_cpu_share'])})"),
+        ("build: relay CPU µs per message", us(b.get("cpu_us_per_msg"))),
         ("READY ms after start (median)", f"{result['ready_ms']:g}"),
         ("READY ms, every restart", _ms_list(runs, "ready_ms")),
         ("first MSG ms, every restart", _ms_list(runs, "first_msg_ms")),
