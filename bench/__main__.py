@@ -27,6 +27,8 @@ from bench.targets import (
     stop,
 )
 
+# Scenarios whose module sets SUPPORTS_MQTT (target mosquitto), for help and errors.
+MQTT_SCENARIOS = ("pairs", "latency")
 CLIENT_ONLY = "client"  # the one "target" of a NO_RELAY scenario: nothing is spawned
 
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--targets",
             default=default_targets,
             help=f"comma-separated subset of {','.join(ALL_TARGETS)} (default: {default_targets}, in that order; "
-            "mosquitto: pairs only, needs the mosquitto package)",
+            f"mosquitto: {', '.join(MQTT_SCENARIOS)} only, needs the Debian package: apt-get install mosquitto)",
         )
         p.add_argument("--url", help="ws://HOST:PORT/v1 of a running relay (instead of spawning targets)")
         p.add_argument("--relay-pid", type=int, help="with --url: PID of that relay, to measure its CPU share")
@@ -202,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"unknown target(s) {unknown}; expected a subset of {','.join(ALL_TARGETS)}")
         if "mosquitto" in names:
             if not getattr(module, "SUPPORTS_MQTT", False):
-                raise SystemExit(f"target mosquitto: only the pairs scenario drives MQTT, not {args.scenario}")
+                raise SystemExit(
+                    f"target mosquitto: only {', '.join(MQTT_SCENARIOS)} drive MQTT, not {args.scenario}"
+                )
             if mosquitto_available() is None:
-                note = "mosquitto is not installed (apt-get install mosquitto): target skipped"
+                note = ("mosquitto is not installed (Debian: apt-get update && apt-get install -y mosquitto; "
+                        "the bench starts its own broker, no service needed): target skipped")
                 print(f"[bench] note: {note}", file=sys.stderr, flush=True)
                 doc.setdefault("notes", []).append(note)
                 names = [t for t in names if t != "mosquitto"]

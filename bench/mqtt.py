@@ -15,7 +15,9 @@ relay's SEND→SENT→MSG→ACK→RECEIPT::
 The 100-byte payload is the relay cycle's (send time, sender index, counter,
 padding); the receipt carries its first 20 bytes back. Each sender keeps at
 most ``window`` PUBLISHes without PUBACK; every reply of one socket read
-leaves in one ``send``.
+leaves in one ``send``. Closed loop (``pairs``) refills the window from the
+replies; open loop (``latency``, ``closed_loop = False``) publishes only when
+the scenario's schedule says so and writes just the PUBACKs back.
 """
 
 from __future__ import annotations
@@ -176,7 +178,9 @@ class MqttConn(BufferedWriter):
 
 class MqttSender:
     """Publishes to one receiver's topic; ``window`` bounds PUBLISHes without
-    PUBACK, ``cap`` messages without receipt."""
+    PUBACK, ``cap`` messages without receipt. ``closed_loop`` (``pairs``):
+    every reply refills the window; False (``latency``): the schedule calls
+    :meth:`send_now`, replies carry only PUBACKs."""
 
     def __init__(self, shared: Shared, index: int, to_topic: str, window: int, cap: int) -> None:
         self.shared = shared
@@ -190,6 +194,7 @@ class MqttSender:
         self.sent_at: dict[int, int] = {}  # packet id -> send time
         self.cycle_at: dict[int, int] = {}  # counter -> send time
         self.conn: MqttConn | None = None
+        self.closed_loop = True
 
     def room(self) -> int:
         return max(0, min(self.free, self.cap - len(self.cycle_at)))
@@ -258,6 +263,10 @@ class MqttSender:
         c.sent += freed
         c.acks += len(replies)
         self.free += freed
+        if not self.closed_loop:
+            if replies:
+                conn.write(b"".join(replies))
+            return
         n = self.room()
         if n < self.free:
             c.throttled += 1

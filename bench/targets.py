@@ -6,7 +6,7 @@ Targets:
 * ``pure``  -- the same with ``RELAY_PURE=1`` (pure-Python fast path twin);
 * ``naive`` -- :mod:`bench.naive_relay`, a plain trio-websocket relay;
 * ``mosquitto`` -- the Mosquitto MQTT broker (Debian package ``mosquitto``),
-  persistent sessions, for ``pairs`` only (its URL is ``mqtt://HOST:PORT``);
+  persistent sessions, for ``pairs`` and ``latency`` (its URL is ``mqtt://HOST:PORT``);
   not among the defaults;
 * ``--url`` -- a relay somebody else started (not pinned, CPU not measured
   unless ``--relay-pid`` is given).
@@ -155,7 +155,7 @@ def mosquitto_config(port: int, host: str, persistence_dir: Path) -> str:
 def spawn_mosquitto(core: int | None, start_timeout: float, host: str = "127.0.0.1") -> Running:
     binary = mosquitto_available()
     if binary is None:
-        raise TargetError("mosquitto: not installed (apt-get install mosquitto)")
+        raise TargetError("mosquitto: not installed (Debian: apt-get update && apt-get install -y mosquitto)")
     base = Path(tempfile.mkdtemp(prefix="relay-bench-mosquitto-"))
     data_dir = base / "data"
     data_dir.mkdir()

@@ -103,7 +103,8 @@ class PairsHarness:
         self.e2ee_setup_seconds = time.monotonic() - t0
 
     def setup_mqtt(self) -> None:
-        """The same pairs over MQTT (target ``mosquitto``): see :mod:`bench.mqtt`."""
+        """The same pairs over MQTT (target ``mosquitto``, ``pairs`` and ``latency``):
+        see :mod:`bench.mqtt`."""
         from bench.mqtt import open_clients
 
         t0 = time.monotonic()
@@ -111,6 +112,8 @@ class PairsHarness:
             self.url, self.engine, self.args.pairs, self.shared, self.window,
             self.args.max_unreceipted, self.args.setup_timeout,
         )
+        for sender in self.senders:
+            sender.closed_loop = self.closed_loop
         self.setup_seconds = time.monotonic() - t0
 
     def measure(

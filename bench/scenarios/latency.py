@@ -8,6 +8,10 @@ small bursts: at 10,000 msg/s about 10 per wake-up, from different senders.
 Latencies are measured from the moment the SEND was written to the socket;
 ``schedule_lag_ms`` says how late that was against the schedule (the load
 generator's own delay, which should stay far below the relay's latencies).
+
+Target ``mosquitto``: the same schedule drives :mod:`bench.mqtt`'s clients
+(PUBLISH QoS 1 → PUBACK, the broker's PUBLISH at the receiver, its QoS 1
+receipt back to the sender), the cycle ``pairs`` uses against Mosquitto.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from bench.stats import summarize_ns
 
 DESCRIPTION = "open-loop 1:1 latency at a fixed offered rate (p50/p99/p999)"
 HEADLINE = ("msgs_per_s", "msg/s")
+SUPPORTS_MQTT = True  # target mosquitto: the same schedule over MQTT 3.1.1 QoS 1 (bench/mqtt.py)
 QUANTILES = (0.5, 0.99, 0.999)
 
 
@@ -76,8 +81,12 @@ class Schedule:
 def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callable[[], bool] | None = None) -> dict[str, Any]:
     args.quantiles = QUANTILES
     harness = PairsHarness(url, args, window=1 << 30, closed_loop=False)
+    mqtt = url.startswith("mqtt://")
     try:
-        harness.setup()
+        if mqtt:
+            harness.setup_mqtt()
+        else:
+            harness.setup()
         schedule = Schedule(harness, args.rate)
         lag_mark = [0]
 
@@ -92,6 +101,9 @@ def run(url: str, relay_pid: int | None, args: argparse.Namespace, alive: Callab
     result["offered_per_s"] = args.rate
     result["schedule_lag_ms"] = summarize_ns(schedule.lag_ns[lag_mark[0] :], QUANTILES)
     result["params"] = {"pairs": args.pairs, "rate": args.rate, "payload_bytes": 100, "ack": args.ack, "framing": args.framing}
+    if mqtt:
+        result["params"].update(protocol="MQTT 3.1.1", qos=1, clean_session=False, ack="PUBACK per message",
+                                framing="one MQTT packet per message")
     result["anomalies"] = anomalies(result["run_totals"]) + disturbance(result["cpu"])
     if result["run_totals"].get("throttled"):
         result["anomalies"].append(
