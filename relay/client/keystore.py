@@ -27,8 +27,6 @@ thread.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -41,6 +39,7 @@ from relay.e2ee.errors import DecodeError
 from relay.e2ee.pairwise import PeerSessions
 from relay.e2ee.prekeys import PrekeyStore
 from relay.e2ee.sender_keys import OwnChain, SenderChains
+from relay.pidlock import LockHeld, hold_pid_lock
 
 from .identity import write_private_file
 
@@ -262,21 +261,10 @@ class KeyStore:
 def _lock(directory: Path) -> IO[str]:
     """An exclusive lock on ``directory`` (created 0700), or ValueError naming its holder."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 - held until close()
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "?"
-        handle.close()
+        return hold_pid_lock(directory / LOCK_FILE)
+    except LockHeld as held:
         raise ValueError(
-            f"{directory} is in use by another client of the same device (pid {owner}); "
+            f"{directory} is in use by another client of the same device (pid {held.owner}); "
             "let it finish first"
         ) from None
-    with contextlib.suppress(OSError):
-        os.fchmod(handle.fileno(), 0o600)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle

@@ -35,7 +35,6 @@ whatever a batch reported is on disk before the server answers SENT.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
 import logging
@@ -59,6 +58,7 @@ from relay.errors import (
     StoreError,
     StoreFullError,
 )
+from relay.pidlock import LockHeld, hold_pid_lock
 from relay.protocol.frames import EVENT_FIELDS, MSG_FIELDS, event_tail
 from relay.protocol.groups import GroupInfo, apply_change
 from relay.store import inbox_writer
@@ -116,19 +116,10 @@ def _lock_data_dir(path: Path) -> IO[str]:
     LMDB would let two relays share the files, but each keeps state in memory
     (caches, acks in flight, fan-outs) that the other cannot see.
     """
-    handle = open(path / "relay.lock", "a+")  # noqa: SIM115 - held until close()
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "?"
-        handle.close()
-        raise ConfigError(f"{path} is in use by another relay (pid {owner})") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
-    return handle
+        return hold_pid_lock(path / "relay.lock")
+    except LockHeld as held:
+        raise ConfigError(f"{path} is in use by another relay (pid {held.owner})") from None
 
 
 def _shard_index(user: str, shards: int) -> int:
