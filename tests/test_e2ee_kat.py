@@ -10,7 +10,6 @@ regenerate the vectors.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ from relay.e2ee.primitives import (
 )
 from relay.e2ee.safety import fingerprint, format_safety_number, safety_number
 from relay.e2ee.x3dh import Bundle, initiate, respond
+from tests.e2ee_draws import fixed
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
 
@@ -37,15 +37,6 @@ def load(name: str) -> dict:
     return json.loads((VECTORS / name).read_text())
 
 
-def fixed(values: list[bytes]) -> Callable[[int], bytes]:
-    """A ``random`` that hands out ``values`` in order, checking their length."""
-
-    def draw(n: int) -> bytes:
-        value = values.pop(0)
-        assert len(value) == n
-        return value
-
-    return draw
 
 
 h = bytes.fromhex

@@ -15,7 +15,6 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,6 +24,7 @@ from relay.e2ee import plaintext  # noqa: E402
 from relay.e2ee.media import encrypt_media  # noqa: E402
 from relay.e2ee.primitives import hkdf, hmac_sha256  # noqa: E402
 from relay.e2ee.sender_keys import OwnChain  # noqa: E402
+from tests.e2ee_draws import fixed  # noqa: E402
 
 GROUP = "g.cmVsYXktdjEgdmVjdG9ycw"  # "g." + base64url(b"relay-v1 vectors")
 CHAIN_ID = 0x9E3779B9  # high bit set: the u32 is unsigned
@@ -38,16 +38,6 @@ MEDIA_KEY = bytes(range(64, 96))
 def nonce(iteration: int) -> bytes:
     return hashlib.sha256(b"relay-v1 group nonce %d" % iteration).digest()[:24]
 
-
-def fixed(values: list[bytes]) -> Callable[[int], bytes]:
-    """A ``random`` that hands out ``values`` in order, checking their length."""
-
-    def draw(n: int) -> bytes:
-        value = values.pop(0)
-        assert len(value) == n
-        return value
-
-    return draw
 
 
 def group_vectors() -> dict[str, object]:

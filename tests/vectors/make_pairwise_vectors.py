@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +38,7 @@ from relay.e2ee.primitives import (  # noqa: E402
 )
 from relay.e2ee.safety import fingerprint, format_safety_number, safety_number  # noqa: E402
 from relay.e2ee.x3dh import Bundle, initiate, respond  # noqa: E402
+from tests.e2ee_draws import fixed  # noqa: E402
 
 T0 = 1_700_000_000_000
 
@@ -51,16 +51,6 @@ def secret(label: str) -> bytes:
 def nonce(label: str) -> bytes:
     return secret("nonce " + label)[:24]
 
-
-def fixed(values: list[bytes]) -> Callable[[int], bytes]:
-    """A ``random`` that hands out ``values`` in order, checking their length."""
-
-    def draw(n: int) -> bytes:
-        value = values.pop(0)
-        assert len(value) == n, (len(value), n)
-        return value
-
-    return draw
 
 
 # -- a second derivation, from the profile's text ---------------------------
