@@ -5,7 +5,8 @@ manager yielding a started :class:`RelayServer`); ``relay serve`` wraps it
 with signal handling. Task tree::
 
     RelayServer.run
-    ├── GroupCommitWriter.run      x shards
+    ├── Reactor.run                the data path's epoll set: live sockets, commit completions
+    ├── GroupCommitWriter.run      x shards (waits for close; its commits run in reactor turns)
     ├── expiry sweeper
     └── listener -> Connection.serve (reader + delivery pump) per client
 """
@@ -30,6 +31,7 @@ from relay.server.groups import Groups
 from relay.server.keys import Keys
 from relay.server.memory import HeapTrimmer, load_malloc_trim
 from relay.server.parking import ParkedConnection, ParkingLot
+from relay.server.reactor import Reactor
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
 from relay.server.writer import GroupCommitWriter
@@ -59,19 +61,22 @@ class RelayServer:
             fastpath=self.fastpath.IMPLEMENTATION,
         )
         self.output_batch = OutputBatch()
+        self.reactor = Reactor(self.output_batch)
         self.router = Router()
         self.writers = [
             GroupCommitWriter(
                 self.store,
                 i,
                 max_batch=settings.commit_batch_max,
-                output_batch=self.output_batch,
+                reactor=self.reactor,
                 deliver=self.router.deliver,
             )
             for i in range(self.store.shards)
         ]
         # What the handlers below share; none of them sees the server.
-        self.ctx = ServerContext(settings, self.fastpath, self.store, self.router, self.writers, self.output_batch)
+        self.ctx = ServerContext(
+            settings, self.fastpath, self.store, self.router, self.writers, self.output_batch, self.reactor
+        )
         self.requests = RequestHandler(self.ctx)
         self.groups = Groups(self.ctx, self.requests)
         self.keys = Keys(self.ctx, self.requests)
@@ -98,6 +103,7 @@ class RelayServer:
             "parking": self.parking.statistics(),
             "heap_trims": self.heap.trims,
             "direct_flushes": self.output_batch.flushes,
+            "reactor_turns": self.reactor.turns,
             "short_direct_writes": self.output_batch.short_writes,
             "writers": [w.statistics() for w in self.writers],
             "fastpath": self.fastpath.IMPLEMENTATION,
@@ -106,28 +112,36 @@ class RelayServer:
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until :meth:`shutdown`; ``task_status.started(port)`` once listening."""
         try:
-            async with trio.open_nursery() as writers_nursery:
-                for writer in self.writers:
-                    await writers_nursery.start(writer.run)
-                async with trio.open_nursery() as nursery:
-                    self.ctx.nursery = nursery
-                    listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
-                    self.port = listeners[0].socket.getsockname()[1]
-                    nursery.start_soon(self._sweep_forever)
-                    nursery.start_soon(self._check_timers_forever)
-                    await nursery.start(self.parking.run)
-                    await nursery.start(self.heap.run)
-                    nursery.start_soon(self._accept, listeners, nursery)
-                    log.info("relay listening on %s (fast path: %s)", self.url, self.fastpath.IMPLEMENTATION)
-                    task_status.started(self.port)
-                    await self._wait_shutdown()
-                    await self._close_connections()
-                    nursery.cancel_scope.cancel()
-                # Connections are gone: let the writers commit what is queued.
-                for writer in self.writers:
-                    writer.close()
+            async with trio.open_nursery() as core:
+                # The reactor outlives everything that feeds it: the writers'
+                # last commits complete through it.
+                await core.start(self.reactor.run)
+                await self._run_writers_and_listener(task_status)
+                core.cancel_scope.cancel()
         finally:
             self.store.close()
+
+    async def _run_writers_and_listener(self, task_status: trio.TaskStatus[int]) -> None:
+        async with trio.open_nursery() as writers_nursery:
+            for writer in self.writers:
+                await writers_nursery.start(writer.run)
+            async with trio.open_nursery() as nursery:
+                self.ctx.nursery = nursery
+                listeners = await trio.open_tcp_listeners(self.settings.port, host=self.settings.host)
+                self.port = listeners[0].socket.getsockname()[1]
+                nursery.start_soon(self._sweep_forever)
+                nursery.start_soon(self._check_timers_forever)
+                await nursery.start(self.parking.run)
+                await nursery.start(self.heap.run)
+                nursery.start_soon(self._accept, listeners, nursery)
+                log.info("relay listening on %s (fast path: %s)", self.url, self.fastpath.IMPLEMENTATION)
+                task_status.started(self.port)
+                await self._wait_shutdown()
+                await self._close_connections()
+                nursery.cancel_scope.cancel()
+            # Connections are gone: let the writers commit what is queued.
+            for writer in self.writers:
+                writer.close()
 
     async def _accept(self, listeners: list[trio.SocketListener], nursery: trio.Nursery) -> None:
         with self._accept_scope:

@@ -2,19 +2,26 @@
 
 Two tasks per live connection, both in the connection's nursery:
 
-* the **reader** moves bytes from the socket into the fast-path
-  :class:`FrameParser`, hands binary messages to the :class:`Session` and
-  serves the events it returns (calling the store, the writers, the router);
+* the **reader** owns the input side. On a socket it mostly sleeps: the
+  server's :class:`~relay.server.reactor.Reactor` watches the socket and,
+  in its turn, reads the bytes, feeds the fast-path :class:`FrameParser`,
+  hands binary messages to the :class:`Session` and serves every event that
+  needs no waiting (ACK, SEND with a free slot and queue room, SIGNAL,
+  errors) without waking the task (:meth:`Connection.on_readable`). What
+  must wait (REQ, AUTH, READ, SEND_GROUP, a SEND without room, replies
+  piled up) wakes the reader, which serves it and gives the socket back to
+  the reactor;
 * the **delivery pump** writes to the socket: it gathers queued replies
   (READY, SENT, RES, ERROR), ephemeral signals and, within the flow window,
   inbox entries read from the store, and writes them as few WebSocket
   messages as possible.
 
-Output queued by a commit's callbacks (SENT, MSG, RECEIPT) skips the pump:
-the writer task gathers it the same way and writes it with one non-blocking
-send when its callbacks are done (:mod:`relay.server.flush`), which saves a
-task switch per connection per commit. Only while the pump is not writing;
-what the socket does not take is left to the pump, which sends it first.
+Output queued inside a reactor turn (SENT, MSG and RECEIPT from commit
+callbacks, errors from served input) skips the pump: at the end of the turn
+each connection with new output gathers it the same way and writes it with
+one non-blocking send (:mod:`relay.server.flush`), which saves a task
+switch per connection per turn. Only while the pump is not writing; what
+the socket does not take is left to the pump, which sends it first.
 
 Nothing about a message lives only here: entries are read from the inbox
 every time, so a cut connection loses nothing. Memory per connection is
@@ -35,6 +42,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import outcome
 import trio
 
 from relay.errors import (
@@ -77,6 +85,10 @@ from relay.store.base import (
 
 log = logging.getLogger(__name__)
 
+# What a reader serves in order: WebSocket messages (opcode, payload) and
+# the client events and errors a binary message decodes to.
+_Work = tuple[int, bytes] | frames.ClientEvent | FrameError
+
 RECEIVE_BYTES = 65536
 MAX_QUEUED_REPLIES = 4096
 MAX_QUEUED_SIGNALS = 64
@@ -108,6 +120,7 @@ class Connection:
         self._parking: ParkedConnection | None = None
         self._pump_waiting = False
         self._last_input = trio.current_time()
+        # Input from a socket is read by the reactor (on_readable).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         # The pump is inside send_all: nobody else may write to the socket.
@@ -116,7 +129,6 @@ class Connection:
         self._unsent = b""
         self._flush_deferred = False
         self._output_batch = ctx.output_batch
-        self._wait_first = False
         self.settings = ctx.settings
         self.fp = ctx.fastpath
         self.stream = stream
@@ -156,6 +168,8 @@ class Connection:
         self._receiving = False
         self._timer_fired = False
         self._scope: trio.CancelScope | None = None
+        # The reader task while it sleeps in _receive and the reactor serves the socket.
+        self._reader: trio.lowlevel.Task | None = None
         self._aborted = False
         self.dead = False
 
@@ -371,12 +385,21 @@ class Connection:
                             return
                     self._receiving = True
                     try:
-                        data = await self._receive()
+                        got = await self._receive()
                     finally:
                         self._receiving = False
-                    if not data:
+                    data = b""
+                    if isinstance(got, deque):
+                        # The reactor served what it could; the rest needs this task.
+                        if await self._serve_work(got):
+                            return
+                        continue
+                    if got is None:
+                        return  # the reactor served the input that ended the connection
+                    if not got:
                         self._peer_closed = True
                         return
+                    data = got
             if not self._timer_fired:
                 return  # the close deadline passed
             data = b""
@@ -403,36 +426,72 @@ class Connection:
             self._timer_fired = True
             self._read_scope.cancel()
 
-    async def _receive(self) -> bytes:
-        """The next bytes from the socket (b"" at EOF).
+    async def _receive(self) -> bytes | deque[_Work] | None:
+        """Wait for input. On a socket the reactor reads it and serves what
+        needs no waiting (:meth:`on_readable`) while this task sleeps; it
+        returns what is left for the task: a deque of work, b"" at EOF, or
+        None when the input ended the connection. Other streams return their
+        bytes."""
+        if self._sock is None:
+            return bytes(await self.stream.receive_some(RECEIVE_BYTES))
+        reactor, fd = self.ctx.reactor, self._fd
+        self._reader = trio.lowlevel.current_task()
+        reactor.watch(fd, self.on_readable)
 
-        On a socket, waits for readability first after a small read (a
-        client sending one frame at a time, where the next recv would
-        almost always fail) instead of paying a failed recv and a second
-        wake-up every time, and reads straight away while big batches keep
-        coming.
-        """
-        stream = self.stream
-        if not isinstance(stream, trio.SocketStream):
-            return bytes(await stream.receive_some(RECEIVE_BYTES))
-        fd = self._fd
-        if self._wait_first:
-            await trio.lowlevel.wait_readable(fd)
-        else:
-            await trio.lowlevel.checkpoint()
-        while True:
-            try:
-                data = os.read(fd, RECEIVE_BYTES)
-            except BlockingIOError:
-                self._wait_first = True
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            except (ConnectionResetError, TimeoutError):
-                return b""
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"read failed: {exc}") from exc
-            self._wait_first = len(data) < 4096
-            return data
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._reader = None
+            reactor.unwatch(fd)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        got: bytes | deque[_Work] | None = await trio.lowlevel.wait_task_rescheduled(abort)
+        return got
+
+    def on_readable(self) -> None:
+        """In a reactor turn: read the socket and serve what needs no await.
+
+        The reader task sleeps in :meth:`_receive` meanwhile; it is woken only
+        when something needs it (a REQ, a SEND without a free slot, EOF, an
+        error, the end of the connection)."""
+        task = self._reader
+        if task is None:
+            return
+        try:
+            data = os.read(self._fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return
+        except (ConnectionResetError, TimeoutError):
+            data = b""
+        except OSError as exc:
+            self._wake_reader(task, outcome.Error(trio.BrokenResourceError(f"read failed: {exc}")))
+            return
+        if not data:
+            self._wake_reader(task, outcome.Value(b""))
+            return
+        self._last_input = trio.current_time()
+        fp = self.fp
+        try:
+            messages = self.parser.feed(data)
+        except fp.WebSocketError as exc:
+            self.begin_close(exc.close_code, exc.reason)
+            self._wake_reader(task, outcome.Value(None))
+            return
+        if not messages:
+            return
+        work: deque[_Work] = deque(messages)
+        try:
+            over = self._serve_now(work)
+        except Exception as exc:
+            self._wake_reader(task, outcome.Error(exc))
+            return
+        if over is None:
+            self._wake_reader(task, outcome.Value(work))
+        elif over:
+            self._wake_reader(task, outcome.Value(None))
+
+    def _wake_reader(self, task: trio.lowlevel.Task, result: outcome.Outcome[bytes | deque[_Work] | None]) -> None:
+        self._reader = None
+        self.ctx.reactor.unwatch(self._fd)
+        trio.lowlevel.reschedule(task, result)
 
     async def _handle_bytes(self, data: bytes) -> bool:
         """Serve what ``data`` completes; True when the connection is over."""
@@ -442,53 +501,100 @@ class Connection:
         except fp.WebSocketError as exc:
             self.begin_close(exc.close_code, exc.reason)
             return True
-        for opcode, payload in messages:
-            if opcode == fp.OP_CLOSE:
-                self._peer_closed = True
-                if not self._closing:
-                    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
-                    if len(payload) == 1 or not _valid_close_code(code):
-                        code = CLOSE_PROTOCOL_ERROR
-                    self.begin_close(code)
-                return True
-            if self._closing:
+        if not messages:
+            return False
+        return await self._serve_work(deque(messages))
+
+    def _serve_now(self, work: deque[_Work]) -> bool | None:
+        """Serve from the front of ``work`` what needs no await.
+
+        ``work`` holds WebSocket messages (opcode, payload) from the parser
+        and the client events a binary one decodes to, in order. Returns True
+        when the connection is over, False when all of it is served, None
+        when the front needs the reader task: an event that may wait, or
+        replies piled up (a client that does not read its replies stops
+        being read)."""
+        fp = self.fp
+        binary = fp.OP_BINARY
+        while work:
+            unit = work[0]
+            if isinstance(unit, tuple):
+                opcode, payload = unit
+                if opcode == binary and not self._closing and len(self._replies) >= MAX_QUEUED_REPLIES:
+                    return None
+                work.popleft()
+                if opcode == fp.OP_CLOSE:
+                    self._peer_closed = True
+                    if not self._closing:
+                        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else CLOSE_NORMAL
+                        if len(payload) == 1 or not _valid_close_code(code):
+                            code = CLOSE_PROTOCOL_ERROR
+                        self.begin_close(code)
+                    return True
+                if self._closing:
+                    continue
+                if opcode == binary:
+                    work.extendleft(reversed(self.session.receive_message(payload)))
+                elif opcode == fp.OP_TEXT:
+                    self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary messages only")
+                elif opcode == fp.OP_PING:
+                    self._control.append(fp.encode_frame(fp.OP_PONG, payload))
+                    self._wake.set()
                 continue
-            if opcode == fp.OP_BINARY:
-                await self._handle_message(payload)
-            elif opcode == fp.OP_TEXT:
-                self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary messages only")
-            elif opcode == fp.OP_PING:
-                self._control.append(fp.encode_frame(fp.OP_PONG, payload))
-                self._wake.set()
+            if self._closing:
+                work.popleft()
+                continue
+            if isinstance(unit, frames.Ack):
+                work.popleft()
+                self._serve_ack(unit.seq)
+            elif isinstance(unit, frames.Send):
+                if not self._submit_send_nowait(unit):
+                    return None
+                work.popleft()
+            elif isinstance(unit, frames.Signal):
+                work.popleft()
+                try:
+                    self._serve_signal(unit)
+                except FrameError as error:
+                    self.queue_error(error)
+            elif isinstance(unit, FrameError):
+                work.popleft()
+                self.queue_error(unit)
+            else:
+                return None
         return False
 
-    async def _handle_message(self, payload: bytes) -> None:
-        for item in self.session.receive_message(payload):
-            if self._closing:
+    async def _serve_work(self, work: deque[_Work]) -> bool:
+        """Serve all of ``work``: what needs no await at once, the rest awaited
+        one at a time. True when the connection is over."""
+        while True:
+            over = self._serve_now(work)
+            if over is not None:
+                return over
+            unit = work.popleft()
+            if isinstance(unit, tuple):
+                work.appendleft(unit)
+                while len(self._replies) >= MAX_QUEUED_REPLIES and not self._closing:
+                    self._drained = trio.Event()
+                    await self._drained.wait()
+                continue
+            if isinstance(unit, FrameError):
+                self.queue_error(unit)
+                continue
+            await self._serve_slow(unit)
+
+    async def _serve_slow(self, event: frames.ClientEvent) -> None:
+        try:
+            await self._serve_event(event)
+        except FrameError as error:
+            self.queue_error(error)
+        except StoreFullError as exc:
+            self.queue_error(wire_error(exc, ref=_ref_of(event)))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            if self.ctx.shutting_down:
+                self.begin_close(CLOSE_GOING_AWAY, "shutting down")
                 return
-            if isinstance(item, FrameError):
-                self.queue_error(item)
-                continue
-            if type(item) is frames.Ack:
-                self._serve_ack(item.seq)
-                continue
-            if type(item) is frames.Send and self._submit_send_nowait(item):
-                continue
-            try:
-                await self._serve_event(item)
-            except FrameError as error:
-                self.queue_error(error)
-            except StoreFullError as exc:
-                self.queue_error(wire_error(exc, ref=_ref_of(item)))
-            except (trio.ClosedResourceError, trio.BrokenResourceError):
-                if self.ctx.shutting_down:
-                    self.begin_close(CLOSE_GOING_AWAY, "shutting down")
-                    return
-                raise
-            # Backpressure: a client that does not read its replies stops being read.
-            while len(self._replies) >= MAX_QUEUED_REPLIES and not self._closing:
-                self._drained = trio.Event()
-                await self._drained.wait()
+            raise
 
     async def _serve_event(self, event: frames.ClientEvent) -> None:
         if isinstance(event, frames.Send):
@@ -552,8 +658,8 @@ class Connection:
         op, committed = self._send_op(event)
         try:
             self.ctx.writer_for(event.to).submit_nowait(op, committed)
-        except trio.WouldBlock:
-            return False
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False  # the reader task waits for room, or meets the closed writer
         self._sends_in_flight += 1
         return True
 

@@ -10,7 +10,7 @@ directory, the parking lot and every connection; none of them sees the
 server itself. Modules import only downward::
 
     app  ->  connection  ->  parking, groups, keys, auth  ->  requests, wire_errors  ->  context
-                                                                  (router, writer, flush, clock)
+                                                        (router, writer, reactor, flush, clock)
 
 A handler that needs another handler gets it in its constructor (``Groups``
 and ``Keys`` register on the ``RequestHandler``; a ``Connection`` is handed
@@ -32,6 +32,7 @@ import trio
 from relay.config import Settings
 from relay.errors import FrameError
 from relay.server.flush import OutputBatch
+from relay.server.reactor import Reactor
 from relay.server.router import Router
 from relay.server.writer import GroupCommitWriter
 from relay.store.base import Appended, AppendEntries, Store, group_of_body
@@ -60,6 +61,8 @@ class ServerContext:
     router: Router
     writers: list[GroupCommitWriter]
     output_batch: OutputBatch
+    # The data path's loop: live sockets' input and commit completions.
+    reactor: Reactor
     # (user, device) -> seq acked but whose delete is not committed yet, so
     # a reconnect right after an ACK does not see those entries again.
     ack_floors: dict[tuple[str, int], int] = field(default_factory=dict)

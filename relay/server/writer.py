@@ -1,11 +1,13 @@
-"""Group commit: one writer task per shard, one transaction and one sync per batch.
+"""Group commit: one writer per shard, one transaction and one sync per batch.
 
-Connections :meth:`submit` write ops with a callback; the writer takes every
-op waiting, applies them in one transaction in the shard's commit thread
-(:class:`CommitThread`, the transaction opened and closed inside that one
-call) and then runs the callbacks on the event loop, so a SENT goes out only
-after its batch is durable. While one batch syncs, the next one gathers:
-under load, batches grow by themselves and the cost of a sync is shared.
+Connections :meth:`submit` write ops with a callback; at the end of the
+reactor's turn the writer takes every op waiting and hands them to the
+shard's commit thread (:class:`CommitThread`, the transaction opened and
+closed inside that one call). The thread posts the outcome back to the
+reactor, whose next turn runs the callbacks, so a SENT goes out only after
+its batch is durable. While one batch syncs, the next one gathers: under
+load, batches grow by themselves and the cost of a sync is shared. No task
+of the writer's own runs per batch: everything happens in reactor turns.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import outcome
 import trio
 
 from relay.protocol.frames import RECEIPT, RECEIPT_FIELDS
-from relay.server.flush import OutputBatch
+from relay.server.reactor import Reactor, Timer
 from relay.store.base import (
     Appended,
     AppendEntries,
@@ -50,22 +52,24 @@ Deliver = Callable[[str, tuple[tuple[int, InboxEntry], ...]], None]
 class CommitThread:
     """One long-lived OS thread that applies a shard's batches.
 
-    The writer task hands a batch over through a queue and sleeps; the
-    thread applies it and reschedules the task through trio's token (one
-    write to the wakeup socket trio already polls). Against
+    The writer hands a batch over through a queue; the thread applies it and
+    posts the outcome to the reactor (one eventfd write, read in the
+    reactor's next turn with every other ready socket and commit). Against
     ``trio.to_thread.run_sync`` per commit this saves the thread cache's
-    hand-off, the thread renaming per job and its locks.
+    hand-off, the thread renaming per job, its locks and a task switch.
     """
 
     def __init__(self, store: Store, shard: int) -> None:
         self.store = store
         self.shard = shard
-        self._jobs: queue.SimpleQueue[tuple[list[WriteOp], trio.lowlevel.Task] | None] = queue.SimpleQueue()
-        self._token: trio.lowlevel.TrioToken | None = None
+        self._jobs: queue.SimpleQueue[tuple[list[WriteOp], Callable[[outcome.Outcome[list[object]]], None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._reactor: Reactor | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
+    def start(self, reactor: Reactor) -> None:
+        self._reactor = reactor
         self._thread = threading.Thread(target=self._work, name=f"relay-commit-{self.shard}", daemon=True)
         self._thread.start()
 
@@ -75,28 +79,21 @@ class CommitThread:
             self._jobs.put(None)
             self._thread = None
 
-    async def apply(self, ops: list[WriteOp]) -> list[object]:
-        """``store.apply_batch(shard, ops)`` in the thread. Not cancellable:
-        a commit in progress is finished, never abandoned."""
+    def apply(self, ops: list[WriteOp], done: Callable[[outcome.Outcome[list[object]]], None]) -> None:
+        """``store.apply_batch(shard, ops)`` in the thread; ``done(outcome)`` runs
+        in a reactor turn afterwards. A commit is never abandoned."""
         assert self._thread is not None, "start() the commit thread first"
-        self._jobs.put((ops, trio.lowlevel.current_task()))
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            return trio.lowlevel.Abort.FAILED
-
-        results: list[object] = await trio.lowlevel.wait_task_rescheduled(abort)
-        return results
+        self._jobs.put((ops, done))
 
     def _work(self) -> None:
-        assert self._token is not None
-        token, jobs = self._token, self._jobs
+        assert self._reactor is not None
+        post, jobs, apply_batch, shard = self._reactor.post, self._jobs, self.store.apply_batch, self.shard
         while True:
             job = jobs.get()
             if job is None:
                 return
-            ops, task = job
-            result = outcome.capture(self.store.apply_batch, self.shard, ops)
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+            ops, done = job
+            post(done, outcome.capture(apply_batch, shard, ops))
 
 
 class GroupCommitWriter:
@@ -106,14 +103,16 @@ class GroupCommitWriter:
         shard: int,
         max_batch: int = 4096,
         queue_size: int = 4096,
-        output_batch: OutputBatch | None = None,
+        reactor: Reactor | None = None,
         deliver: Deliver | None = None,
     ) -> None:
         self.store = store
         self.deliver = deliver
-        # The callbacks of one commit queue output on many connections: it is
-        # written once, when they have all run.
-        self.output_batch = output_batch if output_batch is not None else OutputBatch()
+        # Batches are dispatched and their callbacks run in the reactor's
+        # turns, so the output of a whole commit leaves in one turn. Without
+        # one given (a writer on its own, in tests), run() runs its own.
+        self._own_reactor = reactor is None
+        self.reactor = reactor if reactor is not None else Reactor()
         self.shard = shard
         self.max_batch = max_batch
         self.queue_size = queue_size
@@ -121,8 +120,14 @@ class GroupCommitWriter:
         # once. A deque and an Event instead of a memory channel: a channel
         # costs a method call and its bookkeeping per op on both ends.
         self._queue: deque[tuple[WriteOp, Callback | None]] = deque()
-        # The Event the writer waits on while it has nothing to do.
-        self._idle: trio.Event | None = None
+        # A batch is at the commit thread; the next one gathers meanwhile.
+        self._busy = False
+        # A dispatch is due at the end of the reactor's turn.
+        self._scheduled = False
+        # The lazy deletes' timer is set, and whether it has fired.
+        self._lazy_timer: Timer | None = None
+        self._lazy_due = False
+        self._finished = trio.Event()
         # submit() callers waiting for room in a full queue, with their ops:
         # the writer moves those into the queue in call order, then wakes the
         # task (as trio's memory channels do; a woken task appending its own
@@ -183,11 +188,11 @@ class GroupCommitWriter:
         self._kick()
 
     def _kick(self) -> None:
-        """Wake the writer if it waits for work (a busy one looks anyway)."""
-        idle = self._idle
-        if idle is not None:
-            self._idle = None
-            idle.set()
+        """Dispatch at the end of the reactor's turn, unless a batch is at the
+        thread (its completion dispatches the next)."""
+        if not self._busy and not self._scheduled:
+            self._scheduled = True
+            self.reactor.soon(self._dispatch)
 
     def _admit_blocked(self) -> None:
         blocked, queue = self._blocked, self._queue
@@ -195,13 +200,6 @@ class GroupCommitWriter:
             task = next(iter(blocked))
             queue.append(blocked.pop(task))
             trio.lowlevel.reschedule(task)
-
-    async def _wait_for_work(self) -> None:
-        idle = self._idle = trio.Event()
-        try:
-            await idle.wait()
-        finally:
-            self._idle = None
 
     def submit_followup(self, op: WriteOp, on_done: Callback | None = None) -> None:
         """Queue ``op`` from a commit callback: never blocks, keeps call order.
@@ -306,7 +304,7 @@ class GroupCommitWriter:
         return box[0]
 
     def close(self) -> None:
-        """No new ops; :meth:`run` commits what is queued and returns."""
+        """No new ops; what is queued is committed, then :meth:`run` returns."""
         self._closing = True
         self._kick()
         blocked = self._blocked
@@ -320,57 +318,80 @@ class GroupCommitWriter:
         return {"shard": self.shard, "batches": self.batches, "ops": self.ops, "queued": len(self._queue)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._committer.start()
-        try:
-            task_status.started()
-            await self._run()
-        finally:
-            self._committer.stop()
+        """Start the commit thread; return once :meth:`close` has been called
+        and everything queued is committed."""
+        async with trio.open_nursery() as nursery:
+            if self._own_reactor:
+                await nursery.start(self.reactor.run)
+            self._committer.start(self.reactor)
+            try:
+                task_status.started()
+                await self._finished.wait()
+            finally:
+                self._committer.stop()
+            nursery.cancel_scope.cancel()
 
-    async def _run(self) -> None:
-        followups = self._followups
-        queue = self._queue
-        while True:
-            flush_deletes = False
-            if not queue and not followups and not self._receipts:
-                if self._closing:
-                    self._closed = True
-                    if not self._lazy_pending():
-                        return
-                    flush_deletes = True
-                elif self._lazy_pending():
-                    with trio.move_on_after(LAZY_DELETE_S) as waited:
-                        await self._wait_for_work()
-                    flush_deletes = waited.cancelled_caught
-                else:
-                    await self._wait_for_work()
-            # Follow-ups first: they continue work admitted earlier.
-            batch: list[tuple[WriteOp, Callback | None]] = []
-            if followups:
-                batch = [followups.popleft() for _ in range(min(len(followups), self.max_batch))]
-            if self._receipts:
-                batch.extend(self._take_receipts())
-            room = self.max_batch - len(batch)
-            if queue and room > 0:
-                if len(queue) <= room:
-                    batch.extend(queue)
-                    queue.clear()
-                else:
-                    batch.extend([queue.popleft() for _ in range(room)])
-                if self._blocked:
-                    self._admit_blocked()
-            if self._lazy_pending() and (batch or flush_deletes):
-                batch.extend(self._take_lazy())
-            if not batch:
-                continue
-            ops = [op for op, _ in batch]
-            results = await self._committer.apply(ops)
-            self.batches += 1
-            self.ops += len(ops)
-            with self.output_batch:
-                for (_, on_done), result in zip(batch, results, strict=True):
-                    if on_done is not None:
-                        try:
-                            on_done(result)
-                        except Exception:  # a bug in one callback must not stop the shard
-                            log.exception("write callback failed")
+    def _dispatch(self) -> None:
+        """Hand everything waiting to the commit thread as one batch."""
+        self._scheduled = False
+        if self._busy or self._finished.is_set():
+            return
+        queue, followups = self._queue, self._followups
+        flush_lazy = self._lazy_due
+        if not queue and not followups and not self._receipts and self._closing:
+            self._closed = True
+            flush_lazy = True
+        # Follow-ups first: they continue work admitted earlier.
+        batch: list[tuple[WriteOp, Callback | None]] = []
+        if followups:
+            batch = [followups.popleft() for _ in range(min(len(followups), self.max_batch))]
+        if self._receipts:
+            batch.extend(self._take_receipts())
+        room = self.max_batch - len(batch)
+        if queue and room > 0:
+            if len(queue) <= room:
+                batch.extend(queue)
+                queue.clear()
+            else:
+                batch.extend([queue.popleft() for _ in range(room)])
+            if self._blocked:
+                self._admit_blocked()
+        if self._lazy_pending() and (batch or flush_lazy):
+            batch.extend(self._take_lazy())
+        if not self._lazy_pending():
+            self._lazy_due = False
+            if self._lazy_timer is not None:
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
+        if not batch:
+            if self._closed:
+                self._finished.set()
+            elif self._lazy_pending() and self._lazy_timer is None:
+                self._lazy_timer = self.reactor.call_later(LAZY_DELETE_S, self._lazy_fired)
+            return
+        self._busy = True
+        self._committer.apply([op for op, _ in batch], functools.partial(self._completed, batch))
+
+    def _lazy_fired(self) -> None:
+        self._lazy_timer = None
+        self._lazy_due = True
+        self._kick()
+
+    def _completed(self, batch: list[tuple[WriteOp, Callback | None]], result: outcome.Outcome[list[object]]) -> None:
+        """In a reactor turn: the batch is durable (or failed); run its callbacks."""
+        self._busy = False
+        self.batches += 1
+        self.ops += len(batch)
+        try:
+            results = result.unwrap()
+        except Exception as exc:  # the store failed as a whole: every op gets the error
+            log.exception("commit failed on shard %d", self.shard)
+            results = [exc] * len(batch)
+        for (_, on_done), op_result in zip(batch, results, strict=True):
+            if on_done is not None:
+                try:
+                    on_done(op_result)
+                except Exception:  # a bug in one callback must not stop the shard
+                    log.exception("write callback failed")
+        if self._queue or self._followups or self._receipts or self._closing or self._lazy_pending():
+            self._kick()
