@@ -12,7 +12,8 @@ Each wake-up is one :meth:`turn`:
    waiting; see :meth:`relay.server.connection.Connection.on_readable`);
 2. every commit that finished runs its callbacks (the writers' completions,
    posted from their threads through :meth:`post`);
-3. timers that are due run;
+3. timers that are due run (a small task sleeps until the earliest one and
+   then runs a turn itself);
 4. work deferred with :meth:`soon` runs (the writers hand their next batch
    to the commit threads here, so a batch gathers everything of this turn);
 5. the output batch closes: every connection with new output writes it with
@@ -31,6 +32,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import os
 import select
 from collections import deque
@@ -78,6 +80,8 @@ class Reactor:
         self._soon: list[Callable[[], None]] = []
         self._timers: list[tuple[float, int, Timer]] = []
         self._timer_ids = itertools.count()
+        # The timer task's sleep; its deadline is the earliest timer's.
+        self._timer_scope: trio.CancelScope | None = None
         self._in_turn = False
         self._closed = False
         self.turns = 0
@@ -110,8 +114,9 @@ class Reactor:
         """Run ``fn()`` in the first turn at least ``delay`` seconds from now."""
         timer = Timer(trio.current_time() + delay, fn)
         heapq.heappush(self._timers, (timer.deadline, next(self._timer_ids), timer))
-        if not self._in_turn:
-            self._signal()  # the run loop sleeps with the old deadline
+        scope = self._timer_scope
+        if scope is not None and timer.deadline < scope.deadline:
+            scope.deadline = timer.deadline
         return timer
 
     # --- from any thread ------------------------------------------------------
@@ -129,21 +134,29 @@ class Reactor:
     # --- the loop (trio's thread) ---------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
         epoll_fd = self._epoll.fileno()
         try:
-            while True:
-                timers = self._timers
-                while timers and timers[0][2].cancelled:
-                    heapq.heappop(timers)
-                if timers:
-                    with trio.move_on_at(timers[0][0]):
-                        await trio.lowlevel.wait_readable(epoll_fd)
-                else:
+            async with trio.open_nursery() as nursery:
+                # Timers wait in a task of their own: a cancel scope around
+                # every epoll wait would cost more than the timers save.
+                nursery.start_soon(self._run_timers)
+                task_status.started()
+                while True:
                     await trio.lowlevel.wait_readable(epoll_fd)
-                self.turn()
+                    self.turn()
         finally:
             self.close()
+
+    async def _run_timers(self) -> None:
+        timers = self._timers
+        while True:
+            while timers and timers[0][2].cancelled:
+                heapq.heappop(timers)
+            with trio.CancelScope(deadline=timers[0][0] if timers else math.inf) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self.turn()
 
     def turn(self) -> None:
         """Serve everything ready now; see the module docstring."""
