@@ -17,6 +17,7 @@ if os.environ.get("RELAY_NO_EXT") != "1":
         [
             Extension("relay._fastpath", ["relay/_fastpath.pyx"], extra_compile_args=["-O3"]),
             Extension("relay.store._inbox", ["relay/store/_inbox.pyx"], extra_compile_args=["-O3"]),
+            Extension("relay.server._io", ["relay/server/_io.pyx"], extra_compile_args=["-O3"]),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )

@@ -31,7 +31,7 @@ from relay.server.groups import Groups
 from relay.server.keys import Keys
 from relay.server.memory import HeapTrimmer, load_malloc_trim
 from relay.server.parking import ParkedConnection, ParkingLot
-from relay.server.reactor import Reactor
+from relay.server.reactor import Reactor, load_io
 from relay.server.requests import RequestHandler
 from relay.server.router import Router
 from relay.server.writer import GroupCommitWriter
@@ -61,7 +61,7 @@ class RelayServer:
             fastpath=self.fastpath.IMPLEMENTATION,
         )
         self.output_batch = OutputBatch()
-        self.reactor = Reactor(self.output_batch)
+        self.reactor = Reactor(self.output_batch, load_io(settings.fastpath))
         self.router = Router()
         self.writers = [
             GroupCommitWriter(

@@ -131,6 +131,7 @@ class Connection:
         self._output_batch = ctx.output_batch
         self.settings = ctx.settings
         self.fp = ctx.fastpath
+        self._io = ctx.reactor.io
         self.stream = stream
         self.user: str | None = None
         self.device: int | None = None
@@ -223,9 +224,7 @@ class Connection:
         if not data:
             return True
         try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
+            sent = self._io.write_some(self._fd, data)
         except OSError:
             sent = 0  # the pump's send_all meets the same error and ends the connection
         if sent < len(data):
@@ -456,13 +455,13 @@ class Connection:
         if task is None:
             return
         try:
-            data = os.read(self._fd, RECEIVE_BYTES)
-        except BlockingIOError:
-            return
+            data = self._io.read_some(self._fd, RECEIVE_BYTES)
         except (ConnectionResetError, TimeoutError):
             data = b""
         except OSError as exc:
             self._wake_reader(task, outcome.Error(trio.BrokenResourceError(f"read failed: {exc}")))
+            return
+        if data is None:
             return
         if not data:
             self._wake_reader(task, outcome.Value(b""))

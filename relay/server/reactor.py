@@ -37,10 +37,12 @@ import os
 import select
 from collections import deque
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import trio
 
+from relay.fastpath import load_twin
 from relay.server.flush import OutputBatch
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,10 @@ class Timer:
 class Reactor:
     """See the module docstring."""
 
-    def __init__(self, output_batch: OutputBatch | None = None) -> None:
+    def __init__(self, output_batch: OutputBatch | None = None, io: ModuleType | None = None) -> None:
         self.output_batch = output_batch if output_batch is not None else OutputBatch()
+        # The system calls of a turn: relay.server._io or its pure twin.
+        self.io = io if io is not None else load_io()
         self._epoll = select.epoll()
         self._handlers: dict[int, Callable[[], None]] = {}
         self._eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -164,7 +168,7 @@ class Reactor:
         self._in_turn = True
         try:
             with self.output_batch:
-                for fd, _events in self._epoll.poll(0, MAX_EVENTS):
+                for fd, _events in self.io.ready(self._epoll, MAX_EVENTS):
                     if fd == self._eventfd:
                         self._take_signal()
                         continue
@@ -184,8 +188,7 @@ class Reactor:
     def _take_signal(self) -> None:
         # Read, then clear, then (later in the turn) drain the posts: a post
         # before the clear is drained, a post after it writes again.
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._eventfd)
+        self.io.read_some(self._eventfd, 8)
         self._signalled = False
 
     def _run_posted(self) -> None:
@@ -214,6 +217,12 @@ class Reactor:
         self._handlers.clear()
         self._epoll.close()
         os.close(self._eventfd)
+
+
+def load_io(name: str | None = None) -> ModuleType:
+    """``relay.server._io`` (compiled) or its pure twin; ``name`` as for
+    :func:`relay.fastpath.load_twin`."""
+    return load_twin("relay.server._io", "relay.server._io_py", name)
 
 
 def _guarded(fn: Callable[[], None]) -> None:

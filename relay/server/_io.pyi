@@ -1,0 +1,9 @@
+"""Type stub for the compiled twin of :mod:`relay.server._io_py` (same API)."""
+
+import select
+
+IMPLEMENTATION: str
+
+def read_some(fd: int, size: int) -> bytes | None: ...
+def write_some(fd: int, data: bytes) -> int: ...
+def ready(epoll: select.epoll, max_events: int) -> list[tuple[int, int]]: ...
