@@ -158,7 +158,8 @@ class PairsHarness:
         delta = {k: after[k] - before[k] for k in after}
         quantiles = getattr(args, "quantiles", (0.5, 0.99))
         latency = {
-            "send_to_msg": summarize_ns(lat.send_to_msg[marks0[1] : marks1[1]], quantiles),
+            # The one latency with a histogram (--plot draws its CDF); the JSON stays small.
+            "send_to_msg": summarize_ns(lat.send_to_msg[marks0[1] : marks1[1]], quantiles, histogram=True),
             "send_to_sent": summarize_ns(lat.send_to_sent[marks0[0] : marks1[0]], quantiles),
             "send_to_receipt": summarize_ns(lat.send_to_receipt[marks0[2] : marks1[2]], quantiles),
         }
