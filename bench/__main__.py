@@ -12,9 +12,11 @@ import json
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import scenarios
+from bench.plot import PlotUnavailable, plot_document, require_matplotlib
 from bench.system import machine_info, pick_cores, pin_self, set_niceness
 from bench.targets import (
     ALL_TARGETS,
@@ -60,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--repeat", type=int, default=1, help="runs per target, interleaved; the median run is reported")
         p.add_argument("--json-only", action="store_true", help="print only the JSON document")
         p.add_argument("--output", help="also write the JSON document to this file")
+        p.add_argument(
+            "--plot",
+            metavar="FILE.png",
+            help="after the run, draw the JSON document into this PNG: latency CDF, throughput per round, "
+            "relay CPU per message, as the scenario has them (needs matplotlib: pip install -e '.[bench]')",
+        )
         module.add_arguments(p)
     return parser
 
@@ -181,6 +189,16 @@ def pick_median(results: list[dict[str, Any]], key: str, median_by: Any = None) 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Checked before anything runs: finding out after a long run would waste it.
+    if args.plot:
+        try:
+            require_matplotlib()
+        except PlotUnavailable as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        if not Path(args.plot).resolve().parent.is_dir():
+            print(f"--plot {args.plot}: no such directory", file=sys.stderr)
+            return 2
     module = scenarios.load(args.scenario)
     relay_core, gen_core = (None, None) if args.no_pin else pick_cores()
     pin_self(gen_core)
@@ -233,7 +251,15 @@ def main(argv: list[str] | None = None) -> int:
             f.write(text + "\n")
     if not args.json_only:
         print_table(doc, module, sys.stderr)
-    return 0 if all(r.get("ok") for r in doc["results"]) else 1
+    code = 0 if all(r.get("ok") for r in doc["results"]) else 1
+    if args.plot:
+        try:
+            plot_document(doc, Path(args.plot))
+        except OSError as exc:  # the figures are out already (stdout, --output): say so in one line
+            print(f"--plot {args.plot}: {exc}", file=sys.stderr)
+            return 1
+        log(f"[bench] plot: {args.plot}")
+    return code
 
 
 if __name__ == "__main__":
