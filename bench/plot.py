@@ -259,7 +259,7 @@ def latency_cdf(results: list[dict[str, Any]], colors: dict[str, str]) -> Panel 
             ax.plot(pts[0], pts[1], color=color, linestyle=style, label=f"{label}: {tag} ms" if tag else label)
             # The exact percentiles (from the samples), on top of the bucketed curve.
             ax.plot([v for _, _, v in marks], [q for _, q, _ in marks], "o", color=color, markersize=4)
-        ax.set_xscale("log")
+        readable_log_x(ax, [x for _, pts in drawable if pts is not None for x in pts[0]])
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("latency, ms (log)")
         ax.set_ylabel("fraction ≤ x")
@@ -268,6 +268,25 @@ def latency_cdf(results: list[dict[str, Any]], colors: dict[str, str]) -> Panel 
         ax.legend(fontsize=8, loc="lower right")
 
     return draw
+
+
+def readable_log_x(ax: Axes, xs: Sequence[float]) -> None:
+    """A log x axis labelled in plain numbers (0.2, 5, 300), not 2×10⁻¹, with
+    labelled ticks between the decades when there are few decades."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    lo, hi = min(xs), max(xs)
+    decades = math.log10(hi / lo) if lo > 0 else 99.0
+    subs: tuple[float, ...] = (2, 3, 5) if decades <= 1.5 else (2, 5) if decades <= 3 else ()
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    if subs:
+        ax.xaxis.set_minor_locator(LogLocator(subs=subs))
+        ax.xaxis.set_minor_formatter(plain)
+    else:
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.tick_params(axis="x", which="minor", labelsize=8)
 
 
 # -- throughput -----------------------------------------------------------------
