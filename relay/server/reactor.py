@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import select
+import sys
 from collections import deque
 from collections.abc import Callable
 from types import ModuleType
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # Ready descriptors taken per epoll_wait; more wait for the next turn.
 MAX_EVENTS = 1024
+_EVENTFD_ONE = (1).to_bytes(8, sys.byteorder)  # an eventfd counter is a native uint64
 
 
 class Timer:
@@ -133,7 +135,9 @@ class Reactor:
     def _signal(self) -> None:
         if not self._signalled and not self._closed:
             self._signalled = True
-            os.eventfd_write(self._eventfd, 1)
+            # Holding the GIL (compiled twin): a commit thread goes on to
+            # block on its queue, where it lets go of the GIL anyway.
+            self.io.write_some(self._eventfd, _EVENTFD_ONE)
 
     # --- the loop (trio's thread) ---------------------------------------------
 
