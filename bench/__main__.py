@@ -29,8 +29,9 @@ from bench.targets import (
     stop,
 )
 
-# Scenarios whose module sets SUPPORTS_MQTT (target mosquitto), for help and errors.
-MQTT_SCENARIOS = ("pairs", "latency")
+# Scenarios whose module sets SUPPORTS_MQTT (target mosquitto), for help and errors;
+# read from the modules so that the help cannot fall behind them.
+MQTT_SCENARIOS = tuple(n for n in scenarios.SCENARIOS if getattr(scenarios.load(n), "SUPPORTS_MQTT", False))
 CLIENT_ONLY = "client"  # the one "target" of a NO_RELAY scenario: nothing is spawned
 
 
@@ -152,7 +153,9 @@ def run_one(
             running = Running(CLIENT_ONLY, "", None, implementation=module.implementation())
         else:
             log(f"[bench] starting {label}{suffix} ...")
-            running = spawn(name, args.sync, relay_core, args.start_timeout)
+            # A scenario may need the broker configured for its workload (fanout: in-flight limits).
+            options = module.mosquitto_options(args) if name == "mosquitto" and hasattr(module, "mosquitto_options") else ()
+            running = spawn(name, args.sync, relay_core, args.start_timeout, mqtt_options=options)
         log(f"[bench] {label}: {running.url or 'no relay'} (pid {running.pid}, {running.implementation}); running {args.scenario}")
         result = run_target(module, running, args)
     except TargetError as exc:

@@ -6,8 +6,9 @@ Targets:
 * ``pure``  -- the same with ``RELAY_PURE=1`` (pure-Python fast path twin);
 * ``naive`` -- :mod:`bench.naive_relay`, a plain trio-websocket relay;
 * ``mosquitto`` -- the Mosquitto MQTT broker (Debian package ``mosquitto``),
-  persistent sessions, for ``pairs`` and ``latency`` (its URL is ``mqtt://HOST:PORT``);
-  not among the defaults;
+  persistent sessions, for ``pairs``, ``latency`` and ``fanout`` (its URL is
+  ``mqtt://HOST:PORT``); not among the defaults; a scenario may change
+  options of its generated config (``MqttOption``);
 * ``--url`` -- a relay somebody else started (not pinned, CPU not measured
   unless ``--relay-pid`` is given).
 
@@ -38,6 +39,16 @@ from bench.system import REPO_ROOT, git_revision
 TARGETS = ("fast", "pure", "naive")  # the default targets
 ALL_TARGETS = (*TARGETS, "mosquitto")
 LISTENING = re.compile(r"listening (ws://\S+)")
+
+
+@dataclass(frozen=True)
+class MqttOption:
+    """A line of the generated Mosquitto config that a scenario sets, and why
+    (the reason goes into the result's ``notes``)."""
+
+    key: str
+    value: str
+    why: str
 
 
 class TargetError(Exception):
@@ -132,9 +143,12 @@ def free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def mosquitto_config(port: int, host: str, persistence_dir: Path) -> str:
+def mosquitto_config(
+    port: int, host: str, persistence_dir: Path, options: tuple[MqttOption, ...] = ()
+) -> str:
     """Persistent sessions, QoS 1 queues without limit, 64 in flight per client,
-    TCP_NODELAY; autosave settings left at their defaults (no fsync per message)."""
+    TCP_NODELAY; autosave settings left at their defaults (no fsync per message).
+    ``options`` replace the line with the same key (or are added)."""
     lines = [
         f"listener {port} {host}",
         "allow_anonymous true",
@@ -154,10 +168,15 @@ def mosquitto_config(port: int, host: str, persistence_dir: Path) -> str:
     ]
     if os.geteuid() == 0:
         lines.append("user root")  # otherwise it drops to 'mosquitto', who cannot write the temp dir
+    for opt in options:
+        lines = [line for line in lines if line.split(" ", 1)[0] != opt.key]
+        lines.append(f"{opt.key} {opt.value}")
     return "\n".join(lines) + "\n"
 
 
-def spawn_mosquitto(core: int | None, start_timeout: float, host: str = "127.0.0.1") -> Running:
+def spawn_mosquitto(
+    core: int | None, start_timeout: float, host: str = "127.0.0.1", options: tuple[MqttOption, ...] = ()
+) -> Running:
     binary = mosquitto_available()
     if binary is None:
         raise TargetError("mosquitto: not installed (Debian: apt-get update && apt-get install -y mosquitto)")
@@ -166,7 +185,7 @@ def spawn_mosquitto(core: int | None, start_timeout: float, host: str = "127.0.0
     data_dir.mkdir()
     port = free_port(host)
     conf = base / "mosquitto.conf"
-    conf.write_text(mosquitto_config(port, host, data_dir))
+    conf.write_text(mosquitto_config(port, host, data_dir, options))
     cmd = [binary, "-c", str(conf)]
     proc = _popen(cmd, dict(os.environ), base, core, "wb")
     running = Running("mosquitto", f"mqtt://{host}:{port}", proc.pid, proc, data_dir, command=cmd,
@@ -188,6 +207,7 @@ def spawn_mosquitto(core: int | None, start_timeout: float, host: str = "127.0.0
                 raise TargetError(f"mosquitto: not listening within {start_timeout:.0f} s\n{running.log_tail()}")
             time.sleep(0.05)
         running.notes.append("persistence: autosave defaults, no fsync per message")
+        running.notes.extend(f"config {opt.key} {opt.value}: {opt.why}" for opt in options)
         if core is not None:
             running.notes.append(f"mosquitto pinned to core {core}")
         return running
@@ -196,10 +216,18 @@ def spawn_mosquitto(core: int | None, start_timeout: float, host: str = "127.0.0
         raise
 
 
-def spawn(name: str, sync: str, core: int | None, start_timeout: float = 60.0, host: str = "127.0.0.1") -> Running:
-    """Start target ``name`` and wait for its ``listening ws://...`` line."""
+def spawn(
+    name: str,
+    sync: str,
+    core: int | None,
+    start_timeout: float = 60.0,
+    host: str = "127.0.0.1",
+    mqtt_options: tuple[MqttOption, ...] = (),
+) -> Running:
+    """Start target ``name`` and wait for its ``listening ws://...`` line
+    (``mqtt_options``: for ``mosquitto`` only, see :func:`mosquitto_config`)."""
     if name == "mosquitto":
-        return spawn_mosquitto(core, start_timeout, host)
+        return spawn_mosquitto(core, start_timeout, host, mqtt_options)
     base = Path(tempfile.mkdtemp(prefix=f"relay-bench-{name}-"))
     data_dir = base / "data"
     data_dir.mkdir()
