@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     for label in runs:
         doc["results"].append(pick_median(runs[label], headline, getattr(module, "median_by", None)))
     doc["ratios"] = ratios(doc["results"], module.HEADLINE[0])
+    if hasattr(module, "extra_ratios"):  # e.g. fanout: per group size, not only the headline's
+        doc["ratios"].update(module.extra_ratios(doc["results"]))
     text = json.dumps(doc, indent=2)
     print(text, flush=True)
     if args.output:

@@ -18,6 +18,13 @@ target ``client``, ``url`` is ``""``, ``implementation()`` names what it
 measures); ``variants(args) -> [(label, args)]`` to run the same scenario
 with other options against every target, interleaved per round (a non-empty
 label makes the result's target ``NAME+label``, e.g. ``fast+e2ee``).
+
+Target ``mosquitto``: ``SUPPORTS_MQTT = True`` lets a scenario run against it
+(``run`` then gets an ``mqtt://`` URL and the broker's PID);
+``mosquitto_options(args) -> tuple[MqttOption, ...]`` sets lines of the
+broker's generated config for the run (each with its reason, which goes into
+the result's ``notes``). ``extra_ratios(results) -> dict`` adds entries to the
+JSON's ``ratios`` (``fanout``: one per group size).
 """
 
 from __future__ import annotations
