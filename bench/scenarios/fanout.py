@@ -36,8 +36,10 @@ read in one write. Deliveries, latencies and the broker's CPU per delivery
 are counted by the same code as for the relay. No RECEIPTs (MQTT has none),
 no group.create (SUBACK is the join), no store check (no relay store). The
 broker's config gets ``max_inflight_messages`` = ``--mqtt-inflight`` (the
-relay's per-connection delivery window, 256) and ``max_queued_messages 0``,
-so Mosquitto's defaults (20 and 1,000) do not throttle it artificially.
+relay's per-connection delivery window, 256: the same flow control per
+receiving connection; Mosquitto's default is 20) and ``max_queued_messages
+0`` (its default, 1,000, drops QoS 1 messages beyond it; ``--max-undelivered``
+keeps the queues below that, but a larger one must not turn into losses).
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=RELAY_WINDOW,
         help=f"target mosquitto: its max_inflight_messages, PUBLISHes without PUBACK per subscriber "
         f"(default {RELAY_WINDOW}, the relay's per-connection delivery window; 0 = unlimited; "
-        "Mosquitto's own default, 20, would throttle the fan-out)",
+        "Mosquitto's own default is 20)",
     )
 
 
@@ -133,15 +135,15 @@ def mosquitto_options(args: argparse.Namespace) -> tuple[MqttOption, ...]:
             "max_inflight_messages",
             str(inflight),
             "per subscriber, PUBLISHes without PUBACK"
-            + (f" = the relay's per-connection delivery window ({RELAY_WINDOW})" if inflight == RELAY_WINDOW
-               else " (unlimited)" if inflight == 0 else " (--mqtt-inflight)")
-            + "; Mosquitto's default 20 would throttle the fan-out",
+            + (f" = the relay's per-connection delivery window ({RELAY_WINDOW}), the same flow control"
+               if inflight == RELAY_WINDOW else " (unlimited)" if inflight == 0 else " (--mqtt-inflight)")
+            + "; Mosquitto's default is 20",
         ),
         MqttOption(
             "max_queued_messages",
             "0",
-            "unlimited queue beyond the in-flight ones (default 1000 would drop QoS 1 messages); "
-            "the publisher's --max-undelivered bounds it",
+            "no limit on the queue beyond the in-flight ones (beyond the default, 1000, Mosquitto "
+            "drops QoS 1 messages); the publisher's --max-undelivered bounds it",
         ),
     )
 
