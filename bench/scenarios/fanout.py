@@ -61,6 +61,7 @@ from bench.storeprobe import data_dir_of, entry_counts
 from bench.system import CpuMeter, cpu_us_per
 from bench.targets import ALL_TARGETS, MqttOption
 from bench.wsclient import encode_binary
+from relay.config import Settings
 
 DESCRIPTION = (
     "group fan-out: one sender, groups of 16/256/1024 members all online; deliveries/s, SEND_GROUP→last member "
@@ -68,7 +69,9 @@ DESCRIPTION = (
 )
 HEADLINE = ("deliveries_per_s", "deliveries/s")
 SUPPORTS_MQTT = True  # target mosquitto: one topic, N - 1 QoS 1 subscribers (bench/mqtt.py)
-RELAY_WINDOW = 256  # relay/config.py's default per-connection delivery window (the bench does not change it)
+# The relay's per-connection delivery window: the spawned relays run with the default
+# (the bench passes no --window), and Mosquitto gets the same by default.
+RELAY_WINDOW: int = Settings.window
 FD_SLACK = 64  # descriptors this process needs besides the group's sockets (epoll, logs, psutil, ...)
 
 
