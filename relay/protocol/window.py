@@ -18,23 +18,28 @@ class DeliveryWindow:
         self.size = size
         self.acked = acked
         self.last_pushed = acked
-        self._in_flight: deque[int] = deque()
+        # Made by the first push: a deque is 0.7 KiB, and a connection that is
+        # only connected (most are) never has an entry in flight.
+        self._in_flight: deque[int] | None = None
 
     def start_at(self, acked: int) -> None:
         """Begin after ``acked`` (entries up to it are known handled); nothing in flight."""
         self.acked = self.last_pushed = acked
-        self._in_flight.clear()
+        self._in_flight = None
 
     def capacity(self) -> int:
         """How many more entries may be pushed before the client acks."""
-        return self.size - len(self._in_flight)
+        in_flight = self._in_flight
+        return self.size if in_flight is None else self.size - len(in_flight)
 
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        return 0 if self._in_flight is None else len(self._in_flight)
 
     def pushed(self, seq: int) -> None:
         if seq <= self.last_pushed:
             raise ValueError(f"seq {seq} pushed out of order (last {self.last_pushed})")
+        if self._in_flight is None:
+            self._in_flight = deque()
         self._in_flight.append(seq)
         self.last_pushed = seq
 

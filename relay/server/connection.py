@@ -145,14 +145,17 @@ class Connection:
         self._request_bucket = TokenBucket(self.settings.requests_per_s, self.settings.requests_burst, now)
         self._signal_bucket = TokenBucket(self.settings.signals_per_s, self.settings.signals_burst, now)
         # Pushed MSG entries not yet acked: an ACK turns them into receipts
-        # without reading the inbox again. At most a window's worth.
-        self._pushed: deque[InboxEntry] = deque()
+        # without reading the inbox again. At most a window's worth; made by
+        # the first push (a deque is 0.7 KiB, and many connections idle).
+        self._pushed: deque[InboxEntry] | None = None
         self._replies: list[bytes] = []
         self._signals: list[bytes] = []
         self._control: list[bytes] = []
         self._wake = trio.Event()
-        self._drained = trio.Event()
-        self._close_sent = trio.Event()
+        # Made by whoever waits on them, and the close frame's by begin_close:
+        # most connections never need them, and each trio.Event is 0.3 KiB.
+        self._drained: trio.Event | None = None
+        self._close_sent: trio.Event | None = None
         self._close_frame: bytes | None = None
         self._closing = False
         self._peer_closed = False
@@ -160,7 +163,7 @@ class Connection:
         self._inbox_dirty = False
         self._offered: list[InboxEntry] = []
         self._sends_in_flight = 0
-        self._sends_changed = trio.Event()
+        self._sends_changed: trio.Event | None = None
         self._read_scope = trio.CancelScope()
         # When the reader must give up waiting anyway (set by begin_close).
         self._close_deadline = float("inf")
@@ -231,7 +234,8 @@ class Connection:
             self._unsent = data[sent:]
             self._wake.set()
             return False
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
         return True
 
     def replace(self) -> None:
@@ -251,6 +255,7 @@ class Connection:
             return
         self._closing = True
         self._close_frame = self.ctx.close_frame(code, reason)
+        self._close_sent = trio.Event()
         self._wake.set()
         self._close_deadline = min(self._close_deadline, trio.current_time() + CLOSE_TIMEOUT_S + 1)
         self._read_scope.deadline = self._close_deadline
@@ -291,7 +296,8 @@ class Connection:
                 await self._read_loop(trailing)
                 if self._parking is not None:
                     nursery.cancel_scope.cancel()
-                elif not self._peer_closed or self._closing:
+                elif self._close_sent is not None:
+                    # Closing (begin_close): let the pump send the close frame.
                     with trio.move_on_after(CLOSE_TIMEOUT_S):
                         await self._close_sent.wait()
                 nursery.cancel_scope.cancel()
@@ -578,8 +584,8 @@ class Connection:
             if isinstance(unit, tuple):
                 work.appendleft(unit)
                 while len(self._replies) >= MAX_QUEUED_REPLIES and not self._closing:
-                    self._drained = trio.Event()
-                    await self._drained.wait()
+                    self._drained = drained = trio.Event()
+                    await drained.wait()
                 continue
             if isinstance(unit, FrameError):
                 self.queue_error(unit)
@@ -687,12 +693,13 @@ class Connection:
 
     async def _wait_send_slot(self) -> None:
         while self._sends_in_flight >= self.settings.max_unacked_sends:
-            self._sends_changed = trio.Event()
-            await self._sends_changed.wait()
+            self._sends_changed = changed = trio.Event()
+            await changed.wait()
 
     def _send_finished(self) -> None:
         self._sends_in_flight -= 1
-        self._sends_changed.set()
+        if self._sends_changed is not None:
+            self._sends_changed.set()
 
     async def _serve_send_group(self, event: frames.SendGroup) -> None:
         await self._wait_send_slot()
@@ -832,8 +839,10 @@ class Connection:
                     await stream.send_all(data)
                 finally:
                     self._sending = False
-                self._drained.set()
+                if self._drained is not None:
+                    self._drained.set()
                 if close_now:
+                    assert self._close_sent is not None
                     self._close_sent.set()
                     return
 
@@ -883,6 +892,8 @@ class Connection:
                 entries.extend(more)
         if entries:
             pushed = self._pushed
+            if pushed is None:
+                pushed = self._pushed = deque()
             pack_entry = fp.pack_entry
             for entry in entries:
                 # A reference whose body expired has nothing to send;
@@ -907,7 +918,8 @@ class Connection:
                     start, size = i, 0
                 size += len(frame)
             out.append(encode_frame(binary, b"".join(batch[start:])))
-        close_now = self._close_frame is not None and not self._close_sent.is_set()
+        close_sent = self._close_sent
+        close_now = close_sent is not None and not close_sent.is_set()
         if close_now:
             assert self._close_frame is not None
             out.append(self._close_frame)
