@@ -118,7 +118,11 @@ class Connection:
         self.handlers = handlers
         self._resume = resume
         self._parking: ParkedConnection | None = None
-        self._pump_waiting = False
+        # The pump's wake-up: due, and its task while it sleeps. Not a
+        # trio.Event: one per wake-up, its wait() frame and abort closure are
+        # 1 KiB that every idle connection kept.
+        self._pump_due = False
+        self._pump_sleeping: trio.lowlevel.Task | None = None
         self._last_input = trio.current_time()
         # Input from a socket is read by the reactor (on_readable).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
@@ -151,7 +155,6 @@ class Connection:
         self._replies: list[bytes] = []
         self._signals: list[bytes] = []
         self._control: list[bytes] = []
-        self._wake = trio.Event()
         # Made by whoever waits on them, and the close frame's by begin_close:
         # most connections never need them, and each trio.Event is 0.3 KiB.
         self._drained: trio.Event | None = None
@@ -211,7 +214,18 @@ class Connection:
         if self._sock is not None and self._output_batch.defer(self):
             self._flush_deferred = True
         else:
-            self._wake.set()
+            self._wake_pump()
+
+    def _wake_pump(self) -> None:
+        self._pump_due = True
+        task = self._pump_sleeping
+        if task is not None:
+            self._pump_sleeping = None
+            trio.lowlevel.reschedule(task)
+
+    def _abort_pump_sleep(self, _: object) -> trio.lowlevel.Abort:
+        self._pump_sleeping = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def flush(self) -> bool:
         """Write the queued output now, without the pump, when nothing stands in
@@ -221,7 +235,7 @@ class Connection:
         if self.dead:
             return True
         if self._sock is None or self._sending or self._unsent or self._close_frame is not None:
-            self._wake.set()
+            self._wake_pump()
             return True
         data, _ = self._gather()
         if not data:
@@ -232,7 +246,7 @@ class Connection:
             sent = 0  # the pump's send_all meets the same error and ends the connection
         if sent < len(data):
             self._unsent = data[sent:]
-            self._wake.set()
+            self._wake_pump()
             return False
         if self._drained is not None:
             self._drained.set()
@@ -256,7 +270,7 @@ class Connection:
         self._closing = True
         self._close_frame = self.ctx.close_frame(code, reason)
         self._close_sent = trio.Event()
-        self._wake.set()
+        self._wake_pump()
         self._close_deadline = min(self._close_deadline, trio.current_time() + CLOSE_TIMEOUT_S + 1)
         self._read_scope.deadline = self._close_deadline
 
@@ -357,8 +371,7 @@ class Connection:
         """Nothing read, written, committed or pushed is pending on this connection."""
         return (
             self._ready
-            and self._pump_waiting
-            and not self._wake.is_set()
+            and self._pump_sleeping is not None
             and not self._flush_deferred
             and not self._unsent
             and not self._closing
@@ -548,7 +561,7 @@ class Connection:
                     self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary messages only")
                 elif opcode == fp.OP_PING:
                     self._control.append(fp.encode_frame(fp.OP_PONG, payload))
-                    self._wake.set()
+                    self._wake_pump()
                 continue
             if self._closing:
                 work.popleft()
@@ -719,7 +732,7 @@ class Connection:
             # Entries wait in the store for the room this ACK made. Otherwise
             # every committed entry reaches the pump through offer(), so an
             # ACK alone has nothing for it (no wake-up, no inbox read).
-            self._wake.set()
+            self._wake_pump()
         user, device, ctx = self.user, self.device, self.ctx
         floors = ctx.ack_floors
         floor_key = (user, device)
@@ -826,10 +839,10 @@ class Connection:
     async def _pump(self) -> None:
         stream = self.stream
         while True:
-            self._pump_waiting = True
-            await self._wake.wait()
-            self._pump_waiting = False
-            self._wake = trio.Event()
+            if not self._pump_due:
+                self._pump_sleeping = trio.lowlevel.current_task()
+                await trio.lowlevel.wait_task_rescheduled(self._abort_pump_sleep)
+            self._pump_due = False
             while True:
                 data, close_now = self._gather()
                 if not data:
