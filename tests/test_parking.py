@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 
+from relay.errors import CLOSE_GOING_AWAY
+from relay.server import app
 from relay.server.app import open_relay
+from relay.server.connection import Connection
 from relay.server.parking import ParkedConnection
 from tests.wire import User
 
@@ -126,3 +131,37 @@ async def test_a_busy_connection_is_never_parked_mid_stream(settings):
                 assert not isinstance(relay.router.connection("alice", 1), ParkedConnection)
                 await trio.sleep(0.02)
             await wait_parked(relay, "alice")
+
+
+async def test_close_asked_of_a_connection_whose_reader_just_ended(settings, monkeypatch):
+    """Shutdown asks every connection it still counts to close, some of them
+    just as their reader ended (here: they park). Their nursery may already be
+    closed then, and begin_close must not start a pump in it: that raised
+    "Nursery is closed to new arrivals" and took the relay down."""
+    settings.park_after_s = PARK
+    ended: list[Connection] = []
+
+    class Watched(Connection):
+        async def _read_loop(self, data: bytes) -> None:
+            await super()._read_loop(data)
+            ended.append(self)
+
+    async with open_relay(settings) as relay:
+        users = [User(f"u{i}") for i in range(10)]
+        for user in users:
+            await user.register(relay.url)
+        monkeypatch.setattr(app, "Connection", Watched)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(user.online(relay.url)) for user in users]
+            asked = 0
+            with trio.fail_after(10):
+                while asked < len(users):
+                    # Every scheduling round, like a shutdown that comes at any moment.
+                    await trio.lowlevel.checkpoint()
+                    while ended:
+                        ended.pop().begin_close(CLOSE_GOING_AWAY, "shutting down")
+                        asked += 1
+            # Those that parked before the close came stay parked; shutdown closes them.
+            relay.shutdown()
+            for client in clients:
+                assert await client.closed() in (1001, 1006)

@@ -1,6 +1,6 @@
 """One client connection: the trio shell around the sans-I/O pieces.
 
-Two tasks per live connection, both in the connection's nursery:
+At most two tasks per live connection, both in the connection's nursery:
 
 * the **reader** owns the input side. On a socket it mostly sleeps: the
   server's :class:`~relay.server.reactor.Reactor` watches the socket and,
@@ -11,17 +11,20 @@ Two tasks per live connection, both in the connection's nursery:
   must wait (REQ, AUTH, READ, SEND_GROUP, a SEND without room, replies
   piled up) wakes the reader, which serves it and gives the socket back to
   the reactor;
-* the **delivery pump** writes to the socket: it gathers queued replies
-  (READY, SENT, RES, ERROR), ephemeral signals and, within the flow window,
-  inbox entries read from the store, and writes them as few WebSocket
-  messages as possible.
+* the **delivery pump** finishes what a direct write left: it sends what
+  the socket did not take, then everything queued after it, and the close
+  frame. It is started by the first such write, so a connection whose
+  socket always keeps up never has one.
 
-Output queued inside a reactor turn (SENT, MSG and RECEIPT from commit
-callbacks, errors from served input) skips the pump: at the end of the turn
-each connection with new output gathers it the same way and writes it with
-one non-blocking send (:mod:`relay.server.flush`), which saves a task
-switch per connection per turn. Only while the pump is not writing; what
-the socket does not take is left to the pump, which sends it first.
+Output is written at the end of a reactor turn: each connection with new
+output gathers queued replies (READY, SENT, RES, ERROR), ephemeral signals
+and, within the flow window, inbox entries read from the store, and writes
+them as few WebSocket messages as possible with one non-blocking send
+(:mod:`relay.server.flush`). Output queued inside a turn (SENT, MSG and
+RECEIPT from commit callbacks, errors from served input) is written at the
+end of that turn, output queued outside one (the reader's replies) at the
+end of the next. Only while the pump is not writing; what the socket does
+not take is left to the pump, which sends it first.
 
 Nothing about a message lives only here: entries are read from the inbox
 every time, so a cut connection loses nothing. Memory per connection is
@@ -115,8 +118,8 @@ class Connection:
     __slots__ = (
         "_aborted", "_close_deadline", "_close_frame", "_close_sent", "_closing", "_control", "_drained", "_fd",
         "_flush_deferred", "_inbox_dirty", "_last_input", "_offered", "_output_batch", "_parking", "_peer_closed",
-        "_pump_due", "_pump_sleeping", "_pushed", "_read_scope", "_reader", "_ready", "_receiving", "_replies",
-        "_request_bucket", "_resume", "_scope", "_sending", "_sends_changed", "_sends_in_flight", "_signal_bucket",
+        "_pump_due", "_pump_sleeping", "_pump_started", "_pushed", "_read_scope", "_reader", "_ready", "_receiving", "_replies",
+        "_request_bucket", "_resume", "_nursery", "_scope", "_sending", "_sends_changed", "_sends_in_flight", "_signal_bucket",
         "_signals", "_sock", "_timer_fired", "_unsent", "challenge", "ctx", "dead", "device", "fp", "handlers",
         "parser", "session", "settings", "stream", "user", "window",
     )
@@ -133,6 +136,9 @@ class Connection:
         # 1 KiB that every idle connection kept.
         self._pump_due = False
         self._pump_sleeping: trio.lowlevel.Task | None = None
+        # The pump is started by the first output the socket does not take at
+        # once (or a close frame); until then there is no task for it.
+        self._pump_started = False
         self._last_input = trio.current_time()
         # Input from a socket is read by the reactor (on_readable).
         self._fd = stream.socket.fileno() if isinstance(stream, trio.SocketStream) else -1
@@ -185,6 +191,9 @@ class Connection:
         self._receiving = False
         self._timer_fired = False
         self._scope: trio.CancelScope | None = None
+        # The connection's nursery while the reader runs in it; once the reader
+        # is done it only winds down, and may close before serve() resumes.
+        self._nursery: trio.Nursery | None = None
         # The reader task while it sleeps in _receive and the reactor serves the socket.
         self._reader: trio.lowlevel.Task | None = None
         self._aborted = False
@@ -218,13 +227,24 @@ class Connection:
         return True
 
     def _kick(self) -> None:
-        """New output: written at the end of the open output batch, else by the pump."""
+        """New output: written at the end of the open output batch, or of the
+        next reactor turn's outside one; by the pump for other streams."""
         if self._flush_deferred:
             return
-        if self._sock is not None and self._output_batch.defer(self):
+        if self._sock is None:
+            self._wake_pump()
+        elif self._output_batch.defer(self):
             self._flush_deferred = True
         else:
-            self._wake_pump()
+            # Not in a reactor turn (the reader task replied, a parked session
+            # resumed): the next turn writes it, so most connections never
+            # need a pump task (1.5 KiB with its frames, per live connection).
+            self._flush_deferred = True
+            self.ctx.reactor.soon(self._kick_in_turn)
+
+    def _kick_in_turn(self) -> None:
+        self._flush_deferred = False
+        self._kick()
 
     def _wake_pump(self) -> None:
         self._pump_due = True
@@ -232,6 +252,9 @@ class Connection:
         if task is not None:
             self._pump_sleeping = None
             trio.lowlevel.reschedule(task)
+        elif not self._pump_started and self._nursery is not None:
+            self._pump_started = True
+            self._nursery.start_soon(self._pump)
 
     def _abort_pump_sleep(self, _: object) -> trio.lowlevel.Abort:
         self._pump_sleeping = None
@@ -316,8 +339,14 @@ class Connection:
                 self._queue_reply(frames.encode_hello(self.settings.server_name, self.challenge, now_ms()))
             async with trio.open_nursery() as nursery:
                 self._scope = nursery.cancel_scope
-                nursery.start_soon(self._pump)
-                await self._read_loop(trailing)
+                self._nursery = nursery
+                if self._pump_due:
+                    # Output the socket did not take before the nursery was open.
+                    self._wake_pump()
+                try:
+                    await self._read_loop(trailing)
+                finally:
+                    self._nursery = None
                 if self._parking is not None:
                     nursery.cancel_scope.cancel()
                 elif self._close_sent is not None:
@@ -381,7 +410,8 @@ class Connection:
         """Nothing read, written, committed or pushed is pending on this connection."""
         return (
             self._ready
-            and self._pump_sleeping is not None
+            and not self._pump_due
+            and (self._pump_sleeping is not None or not self._pump_started)
             and not self._flush_deferred
             and not self._unsent
             and not self._closing
@@ -571,7 +601,7 @@ class Connection:
                     self.begin_close(CLOSE_UNSUPPORTED_DATA, "binary messages only")
                 elif opcode == fp.OP_PING:
                     self._control.append(fp.encode_frame(fp.OP_PONG, payload))
-                    self._wake_pump()
+                    self._kick()
                 continue
             if self._closing:
                 work.popleft()
@@ -742,7 +772,7 @@ class Connection:
             # Entries wait in the store for the room this ACK made. Otherwise
             # every committed entry reaches the pump through offer(), so an
             # ACK alone has nothing for it (no wake-up, no inbox read).
-            self._wake_pump()
+            self._kick()
         user, device, ctx = self.user, self.device, self.ctx
         floors = ctx.ack_floors
         floor_key = (user, device)
