@@ -83,7 +83,8 @@ class RelayServer:
         self.heap = HeapTrimmer(load_malloc_trim())
         self.parking = ParkingLot(self.ctx, self.heap, self._resume)
         self.handlers = Handlers(self.requests, self.groups, self.parking)
-        self.connections: set[Connection] = set()
+        # Served by a task of their own; Connection.serve keeps the set.
+        self.connections = self.handlers.live
         self.port: int | None = None
         self._accept_scope = trio.CancelScope()
         self._shutdown_event = trio.Event()
@@ -149,20 +150,13 @@ class RelayServer:
 
     def _handle(self, stream: trio.SocketStream) -> Coroutine[Any, Any, None]:
         # Not a coroutine itself: one frame less on every connection's stack.
-        return self.serve_connection(Connection(self.ctx, self.handlers, stream))
+        return Connection(self.ctx, self.handlers, stream).serve()
 
     def _resume(self, stream: trio.SocketStream, parked: ParkedConnection) -> Connection:
         """A parked session goes live again on a new Connection (for the ParkingLot)."""
         conn = Connection(self.ctx, self.handlers, stream, resume=parked)
-        self.ctx.spawn(self.serve_connection, conn)
+        self.ctx.spawn(conn.serve)
         return conn
-
-    async def serve_connection(self, conn: Connection) -> None:
-        self.connections.add(conn)
-        try:
-            await conn.serve()
-        finally:
-            self.connections.discard(conn)
 
     def abort_connections(self, user: str) -> int:
         """Cut every connection of ``user`` without a close frame; return how many."""

@@ -44,7 +44,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import outcome
 import trio
@@ -95,7 +95,7 @@ _Work = tuple[int, bytes] | frames.ClientEvent | FrameError
 
 
 class _Timer(enum.Enum):
-    """What _receive returns when the timer sweep woke the reader instead of input."""
+    """What the reader's wait for input gets when the timer sweep woke it instead."""
 
     FIRED = enum.auto()
 
@@ -115,11 +115,15 @@ def _valid_close_code(code: int) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Handlers:
-    """What connections hand events to, above the context; one per server."""
+    """What connections hand events to, above the context, and the connections
+    being served; one per server."""
 
     requests: RequestHandler
     groups: Groups
     parking: ParkingLot
+    # Connections being served (parked ones are the parking lot's): the
+    # server's timer sweep and its shutdown go through them.
+    live: set[Connection] = field(default_factory=set)
 
 
 class Connection:
@@ -198,7 +202,7 @@ class Connection:
         self._read_scope: trio.CancelScope | None = None
         # When the reader must give up waiting anyway (set by begin_close).
         self._close_deadline = float("inf")
-        # The reader waits for bytes in _receive(); the server's timer sweep
+        # The reader waits for input (in _read_loop); the server's timer sweep
         # interrupts it only then, and says so in _timer_fired.
         self._receiving = False
         self._timer_fired = False
@@ -206,7 +210,7 @@ class Connection:
         # The connection's nursery while the reader runs in it; once the reader
         # is done it only winds down, and may close before serve() resumes.
         self._nursery: trio.Nursery | None = None
-        # The reader task while it sleeps in _receive and the reactor serves the socket.
+        # The reader task while it waits for input and the reactor serves the socket.
         self._reader: trio.lowlevel.Task | None = None
         self._aborted = False
         self.dead = False
@@ -348,6 +352,7 @@ class Connection:
     # --- the connection's life ----------------------------------------------
 
     async def serve(self) -> None:
+        self.handlers.live.add(self)
         try:
             if self._resume is not None:
                 self._resume_session(self._resume)
@@ -387,11 +392,14 @@ class Connection:
         finally:
             self.dead = True
             parking = self._parking
-            if parking is not None and isinstance(self.stream, trio.SocketStream) and not self._closing:
-                # Hand the socket over without closing it: the session goes on parked.
-                self.handlers.parking.park(parking, self.stream.socket.detach())
-            else:
-                await self._close(parking)
+            try:
+                if parking is not None and isinstance(self.stream, trio.SocketStream) and not self._closing:
+                    # Hand the socket over without closing it: the session goes on parked.
+                    self.handlers.parking.park(parking, self.stream.socket.detach())
+                else:
+                    await self._close(parking)
+            finally:
+                self.handlers.live.discard(self)
 
     async def _close(self, parking: ParkedConnection | None) -> None:
         if self.user is not None and self.device is not None:
@@ -468,9 +476,22 @@ class Connection:
                     if self._closing and not scoped:
                         self._timer_fired = True
                         break  # read on under a scope with the close deadline
+                    # Wait for input. On a socket the reactor reads it and serves
+                    # what needs no waiting (on_readable) while this task sleeps;
+                    # it hands back what is left for the task: a deque of work,
+                    # b"" at EOF, or None when the input ended the connection; or
+                    # the timer sweep wakes it with _Timer.FIRED. (Not a method:
+                    # its frame would be one more for every live connection.)
                     self._receiving = True
                     try:
-                        got = await self._receive()
+                        if self._sock is None:
+                            got: bytes | deque[_Work] | _Timer | None = bytes(
+                                await self.stream.receive_some(RECEIVE_BYTES)
+                            )
+                        else:
+                            self._reader = trio.lowlevel.current_task()
+                            self.ctx.reactor.watch(self._fd, self.on_readable)
+                            got = await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
                     finally:
                         self._receiving = False
                     data = b""
@@ -517,26 +538,13 @@ class Connection:
             self._interrupt_reader()
 
     def _interrupt_reader(self) -> None:
-        """Make the reader waiting in _receive look at its timers."""
+        """Make the reader waiting for input look at its timers."""
         if self._reader is not None:
             self._timer_fired = True
             self._wake_reader(self._reader, outcome.Value(_Timer.FIRED))
         elif self._read_scope is not None:
             self._timer_fired = True
             self._read_scope.cancel()
-
-    async def _receive(self) -> bytes | deque[_Work] | _Timer | None:
-        """Wait for input. On a socket the reactor reads it and serves what
-        needs no waiting (:meth:`on_readable`) while this task sleeps; it
-        returns what is left for the task: a deque of work, b"" at EOF, or
-        None when the input ended the connection; or _Timer.FIRED from the
-        timer sweep. Other streams return their bytes."""
-        if self._sock is None:
-            return bytes(await self.stream.receive_some(RECEIVE_BYTES))
-        self._reader = trio.lowlevel.current_task()
-        self.ctx.reactor.watch(self._fd, self.on_readable)
-        got: bytes | deque[_Work] | _Timer | None = await trio.lowlevel.wait_task_rescheduled(self._abort_receive)
-        return got
 
     def _abort_receive(self, _: object) -> trio.lowlevel.Abort:
         # A method, not a closure per wait: the closure and its cell outlived
@@ -548,7 +556,7 @@ class Connection:
     def on_readable(self) -> None:
         """In a reactor turn: read the socket and serve what needs no await.
 
-        The reader task sleeps in :meth:`_receive` meanwhile; it is woken only
+        The reader task sleeps in :meth:`_read_loop` meanwhile; it is woken only
         when something needs it (a REQ, a SEND without a free slot, EOF, an
         error, the end of the connection)."""
         task = self._reader
