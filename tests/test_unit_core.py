@@ -1,4 +1,4 @@
-"""Fast unit tests of the pure core: window, session, handshake, store ops."""
+"""Fast unit tests of the pure core: router, window, session, handshake, store ops."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from relay.protocol import frames
 from relay.protocol.handshake import ServerHandshake, accept_key
 from relay.protocol.session import MAX_MALFORMED, Session, SessionState
 from relay.protocol.window import DeliveryWindow
+from relay.server.router import Router
 from relay.store.base import (
     AppendEntries,
     DeleteUpTo,
     ExpireEntries,
+    InboxEntry,
     RegisterUser,
     Stored,
     StoreMessage,
@@ -25,6 +27,77 @@ from relay.store.lmdb_store import LmdbStore
 
 def pack(*objs: object) -> bytes:
     return b"".join(msgpack.packb(o, use_bin_type=True) for o in objs)
+
+
+# --- router -------------------------------------------------------------------
+
+
+class FakeConn:
+    """A Routable that records what the router asked of it."""
+
+    def __init__(self, user: str, device: int | None) -> None:
+        self.user = user
+        self.device = device
+        self.calls: list[object] = []
+
+    def wake(self) -> None:
+        self.calls.append("wake")
+
+    def offer(self, entry: InboxEntry) -> None:
+        self.calls.append(entry.seq)
+
+    def push_ephemeral(self, frame: bytes) -> bool:
+        return True
+
+    def replace(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def entry(seq: int) -> InboxEntry:
+    return InboxEntry(seq, 0, 0, 0, b"")
+
+
+def test_router_one_device_then_several_then_none():
+    router = Router()
+    a1, a2, a1_again = FakeConn("alice", 1), FakeConn("alice", 2), FakeConn("alice", 1)
+    assert router.attach(a1, "alice", 1) is None
+    assert router.connection("alice", 1) is a1 and router.connection("alice", 2) is None
+    assert router.attach(a1_again, "alice", 1) is a1  # replaced
+    router.detach(a1, "alice", 1)  # the replaced one leaves: nothing changes
+    assert router.connection("alice", 1) is a1_again
+    assert router.attach(a2, "alice", 2) is None
+    assert router.connection("alice", 1) is a1_again and router.connection("alice", 2) is a2
+    assert sorted(c.device or 0 for c in router.devices_online("alice")) == [1, 2]
+    assert router.count() == 2 and len(router.all()) == 2
+    router.deliver("alice", ((1, entry(5)), (2, entry(6)), (3, entry(7))))
+    router.wake("alice", [2, 3])
+    router.wake("alice")
+    assert a1_again.calls == [5, "wake"] and a2.calls == [6, "wake", "wake"]
+    router.detach(a1_again, "alice", 1)
+    router.detach(a2, "alice", 2)
+    assert router.count() == 0 and router.devices_online("alice") == []
+    router.deliver("alice", ((1, entry(8)),))  # nobody online: nothing to do
+    router.wake("alice")
+
+
+def test_router_files_a_connection_by_the_device_it_is_attached_as():
+    # One whose device attribute does not say (a session not authenticated
+    # yet) is filed under the device it was attached as, all the same.
+    router = Router()
+    anonymous, bob2 = FakeConn("bob", None), FakeConn("bob", 2)
+    router.attach(anonymous, "bob", 1)
+    assert router.connection("bob", 1) is anonymous and router.connection("bob", 2) is None
+    router.deliver("bob", ((1, entry(1)),))
+    assert anonymous.calls == [1]
+    router.attach(bob2, "bob", 2)
+    assert router.connection("bob", 2) is bob2
+    router.detach(anonymous, "bob", 1)
+    assert router.devices_online("bob") == [bob2]
+    router.detach(bob2, "bob", 1)  # not its device: nothing changes
+    assert router.devices_online("bob") == [bob2]
 
 
 # --- window -------------------------------------------------------------------

@@ -168,8 +168,10 @@ class Connection:
         self.fp = ctx.fastpath
         self._io = ctx.reactor.io
         self.stream = stream
-        self.user: str | None = None
-        self.device: int | None = None
+        # Known from the start for a resumed session: the router files the
+        # connection by its device.
+        self.user: str | None = None if resume is None else resume.user
+        self.device: int | None = None if resume is None else resume.device
         self.session = Session(
             self.settings.max_frames_per_message, self.settings.max_message_bytes, self.fp.decode_sends_and_acks
         )
@@ -428,7 +430,6 @@ class Connection:
     def _resume_session(self, parked: ParkedConnection) -> None:
         """Continue a parked session on this new Connection: READY, window after ``acked``."""
         assert parked.user is not None and parked.device is not None
-        self.user, self.device = parked.user, parked.device
         self.session.authenticated(parked.user, parked.device)
         self.window.start_at(parked.acked)
         self._last_input = parked.idle_deadline - self.settings.idle_timeout_s
