@@ -43,6 +43,9 @@ class Session:
     ignores the rest; the session is then CLOSED and returns nothing more.
     """
 
+    # One per live connection: slotted, it is half the size.
+    __slots__ = ("max_frames_per_message", "max_message_size", "_decode_sends_and_acks", "state", "malformed", "user", "device")
+
     def __init__(
         self,
         max_frames_per_message: int = 1024,

@@ -12,6 +12,9 @@ from collections import deque
 
 
 class DeliveryWindow:
+    # One per live connection: slotted, it is half the size.
+    __slots__ = ("size", "acked", "last_pushed", "_in_flight")
+
     def __init__(self, size: int, acked: int = 0) -> None:
         if size < 1:
             raise ValueError("window size must be at least 1")

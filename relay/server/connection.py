@@ -178,9 +178,10 @@ class Connection:
         self.parser = self.fp.FrameParser(self.settings.max_message_bytes, True)
         self.challenge = os.urandom(32)
         self.window = DeliveryWindow(self.settings.window)
-        now = trio.current_time()
-        self._request_bucket = TokenBucket(self.settings.requests_per_s, self.settings.requests_burst, now)
-        self._signal_bucket = TokenBucket(self.settings.signals_per_s, self.settings.signals_burst, now)
+        # Made full by the first REQ or SIGNAL, as full as one made now would
+        # be by then; most connections never send either.
+        self._request_bucket: TokenBucket | None = None
+        self._signal_bucket: TokenBucket | None = None
         # Pushed MSG entries not yet acked: an ACK turns them into receipts
         # without reading the inbox again. At most a window's worth; made by
         # the first push (a deque is 0.7 KiB, and many connections idle).
@@ -892,7 +893,11 @@ class Connection:
 
     def _serve_signal(self, event: frames.Signal) -> None:
         assert self.user is not None
-        if not self._signal_bucket.take(trio.current_time()):
+        now = trio.current_time()
+        bucket = self._signal_bucket
+        if bucket is None:
+            bucket = self._signal_bucket = TokenBucket(self.settings.signals_per_s, self.settings.signals_burst, now)
+        if not bucket.take(now):
             raise FrameError(RATE_LIMITED, "too many signals", ref=frames.SIGNAL)
         router = self.ctx.router
         frame = frames.encode_signaled(self.user, event.to, event.kind)
@@ -908,7 +913,11 @@ class Connection:
                 conn.push_ephemeral(frame)
 
     async def _serve_request(self, event: frames.Request) -> None:
-        if not self._request_bucket.take(trio.current_time()):
+        now = trio.current_time()
+        bucket = self._request_bucket
+        if bucket is None:
+            bucket = self._request_bucket = TokenBucket(self.settings.requests_per_s, self.settings.requests_burst, now)
+        if not bucket.take(now):
             reason = {"code": RATE_LIMITED, "reason": "too many requests"}
             self._queue_reply(frames.encode_res(event.req_id, False, reason))
             return
