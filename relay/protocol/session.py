@@ -44,7 +44,9 @@ class Session:
     """
 
     # One per live connection: slotted, it is half the size.
-    __slots__ = ("max_frames_per_message", "max_message_size", "_decode_sends_and_acks", "state", "malformed", "user", "device")
+    __slots__ = (
+        "max_frames_per_message", "max_message_size", "_decode_sends_and_acks", "state", "malformed", "user", "device",
+    )
 
     def __init__(
         self,

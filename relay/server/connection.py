@@ -131,12 +131,13 @@ class Connection:
 
     # A __dict__ of this many attributes is 1.6 KiB per live connection.
     __slots__ = (
-        "_aborted", "_close_deadline", "_close_frame", "_close_sent", "_closing", "_control", "_drained", "_fd",
-        "_flush_deferred", "_inbox_dirty", "_last_input", "_offered", "_output_batch", "_parking", "_peer_closed",
-        "_pump_due", "_pump_sleeping", "_pump_started", "_pushed", "_read_scope", "_reader", "_ready", "_receiving", "_replies",
-        "_request_bucket", "_resume", "_nursery", "_scope", "_sending", "_sends_changed", "_sends_in_flight", "_signal_bucket",
-        "_signals", "_sock", "_timer_fired", "_unsent", "challenge", "ctx", "dead", "device", "fp", "handlers",
-        "parser", "session", "settings", "stream", "user", "window",
+        "_aborted", "_close_deadline", "_close_frame", "_close_sent", "_closing", "_control", "_drained",
+        "_fd", "_flush_deferred", "_inbox_dirty", "_last_input", "_offered", "_output_batch", "_parking",
+        "_peer_closed", "_pump_due", "_pump_sleeping", "_pump_started", "_pushed", "_read_scope", "_reader",
+        "_ready", "_receiving", "_replies", "_request_bucket", "_resume", "_nursery", "_scope", "_sending",
+        "_sends_changed", "_sends_in_flight", "_signal_bucket", "_signals", "_sock", "_timer_fired",
+        "_unsent", "challenge", "ctx", "dead", "device", "fp", "handlers", "parser", "session", "settings",
+        "stream", "user", "window",
     )
 
     def __init__(
@@ -597,7 +598,9 @@ class Connection:
         elif over:
             self._wake_reader(task, outcome.Value(None))
 
-    def _wake_reader(self, task: trio.lowlevel.Task, result: outcome.Outcome[bytes | deque[_Work] | _Timer | None]) -> None:
+    def _wake_reader(
+        self, task: trio.lowlevel.Task, result: outcome.Outcome[bytes | deque[_Work] | _Timer | None]
+    ) -> None:
         self._reader = None
         self.ctx.reactor.unwatch(self._fd)
         trio.lowlevel.reschedule(task, result)
