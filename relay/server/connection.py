@@ -132,7 +132,7 @@ class Connection:
     # A __dict__ of this many attributes is 1.6 KiB per live connection.
     __slots__ = (
         "_aborted", "_close_deadline", "_close_frame", "_close_sent", "_closing", "_control", "_drained",
-        "_fd", "_flush_deferred", "_inbox_dirty", "_last_input", "_offered", "_output_batch", "_parking",
+        "_fd", "_flush_deferred", "_io", "_inbox_dirty", "_last_input", "_offered", "_output_batch", "_parking",
         "_peer_closed", "_pump_due", "_pump_sleeping", "_pump_started", "_pushed", "_read_scope", "_reader",
         "_ready", "_receiving", "_replies", "_request_bucket", "_resume", "_nursery", "_scope", "_sending",
         "_sends_changed", "_sends_in_flight", "_signal_bucket", "_signals", "_sock", "_timer_fired",
